@@ -1,0 +1,1 @@
+"""unCLIP with PyTorch Lightning + Hydra."""

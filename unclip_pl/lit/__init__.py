@@ -1,0 +1,1 @@
+"""LightningModules: glue between stage models, optimisers, EMA and logging."""

@@ -1,0 +1,149 @@
+"""Shared LightningModule glue for every trainable stage.
+
+A stage's maths lives in ``unclip_pl.models`` (``loss`` / ``sample``); this module only adds what every stage needs
+around it: the optimiser (AdamW with decoupled weight decay, no decay on biases, norms and embeddings), linear
+warm-up, an EMA copy of the weights used for validation and sampling, a frozen CLIP that is never checkpointed,
+and the standard training logs (loss, learning rate, gradient norm).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into decayed (matrices, convolutions) and non-decayed (biases, norms, embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embedding" in name or name.endswith("null") or ".null_" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a module's parameters (buffers are copied).
+
+    The effective decay warms up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the
+    random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        n = float(self.num_updates.item())
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+class StageModule(pl.LightningModule):
+    """Base class of every stage's LightningModule.
+
+    Args:
+        model: the stage model from ``unclip_pl.models`` (trainable); exposes ``loss(...)`` and ``sample(...)``.
+        optimizer: a partial optimiser constructor (Hydra ``_partial_: true``), called with parameter groups.
+        warmup_steps: linear learning-rate warm-up length in optimiser steps (0 for none).
+        ema_decay: decay of the weight EMA used for validation and sampling; ``None`` disables it.
+        clip: optional frozen CLIP used to encode captions/images on the fly. Registered (so it moves with the module)
+            but stripped from checkpoints: it is rebuilt from its own config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        clip: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4)
+        self.warmup_steps = warmup_steps
+        self.ema = EMA(model, ema_decay) if ema_decay is not None else None
+        self.clip = clip
+
+    # ------------------------------------------------------------------ model access
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to validate and sample with: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Return a dict with a scalar ``loss`` and any other scalars to log. Subclasses implement it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        bs = _batch_size(batch)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=bs)
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
+        return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                self.log("train/grad_norm", norm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def configure_optimizers(self):
+        wd = self.optimizer_factory.keywords.get("weight_decay", 0.0) if isinstance(
+            self.optimizer_factory, functools.partial) else 0.0
+        optimizer = self.optimizer_factory(param_groups(self.model, wd))
+        if self.warmup_steps <= 0:
+            return optimizer
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen CLIP's weights: it is rebuilt from ``checkpoint['cfg']['clip']`` on load."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("clip.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.clip is not None:
+            for k, v in self.clip.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"clip.{k}", v)
+
+    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
+        """The weights a pipeline needs: the EMA model when present, else the trained model."""
+        return self.eval_model.state_dict()
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                return v.shape[0]
+            if isinstance(v, (list, tuple)):
+                return len(v)
+    return None
