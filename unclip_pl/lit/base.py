@@ -84,6 +84,7 @@ class StageModule(pl.LightningModule):
         self.warmup_steps = warmup_steps
         self.ema = EMA(model, ema_decay) if ema_decay is not None else None
         self.clip = clip
+        self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, set by unclip_pl.train
 
     # ------------------------------------------------------------------ model access
     @property
@@ -126,7 +127,9 @@ class StageModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen CLIP's weights: it is rebuilt from ``checkpoint['cfg']['clip']`` on load."""
+        """Store the resolved run config; drop the frozen CLIP's weights (rebuilt from ``cfg['clip']`` on load)."""
+        if getattr(self, "run_config", None) is not None:
+            checkpoint["cfg"] = self.run_config
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("clip.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

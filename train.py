@@ -1,0 +1,25 @@
+"""Train one unCLIP stage: `python train.py prior=diffusion` (see README.md and conf/train.yaml)."""
+
+import os
+import sys
+
+os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from unclip_pl.train import ConfigError, run  # noqa: E402
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run(cfg)
+    except ConfigError as e:
+        print(f"Config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get(cfg.get("optimized_metric", "train/loss"))
+
+
+if __name__ == "__main__":
+    main()

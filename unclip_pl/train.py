@@ -1,0 +1,244 @@
+"""The training entry: compose -> frozen CLIP -> data -> stage module -> ``Trainer.fit``.
+
+``train.py`` at the repository root only calls :func:`run`. Everything a stage needs is built here from the
+composed Hydra config with ``hydra.utils.instantiate``; the stage's maths lives in ``unclip_pl.models``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+
+#: Stages chosen by selecting their config group (`prior=diffusion`), in cascade order.
+GROUP_STAGES = ("prior", "decoder", "upsampler")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one sentence instead of a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+def selected_stage(cfg: DictConfig) -> str:
+    """Return the one stage this run trains: ``clip``, ``prior``, ``decoder`` or ``upsampler``."""
+    chosen = [name for name in GROUP_STAGES if cfg.get(name) is not None]
+    if cfg.get("stage") is not None:
+        if cfg.stage != "clip":
+            raise ConfigError(f"stage={cfg.stage} is not a stage option: use stage=clip, or select prior=..., "
+                              f"decoder=... or upsampler=... to train those.")
+        chosen.insert(0, "clip")
+    if not chosen:
+        raise ConfigError("No stage selected: choose exactly one of stage=clip, prior=diffusion, decoder=base, "
+                          "upsampler=emoji (or another option of those groups).")
+    if len(chosen) > 1:
+        raise ConfigError(f"Exactly one stage trains per run, but {len(chosen)} were selected "
+                          f"({', '.join(chosen)}): train them one after another.")
+    return chosen[0]
+
+
+def stage_config(cfg: DictConfig, stage: str) -> DictConfig:
+    """The stage's own block: ``cfg.clip.train`` for the CLIP, else ``cfg.<stage>``."""
+    return cfg.clip.train if stage == "clip" else cfg[stage]
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+def check_config(cfg: DictConfig) -> None:
+    """Resolve every interpolation and find missing required values up front, naming the key."""
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"Missing required config value(s): {', '.join(missing)} (set them on the command line, "
+                          f"e.g. {missing[0]}=...).")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"Config key '{key}' could not be resolved: {_first_line(e)}") from None
+
+
+def _missing_keys(cfg: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            path = f"{prefix}{key}"
+            if OmegaConf.is_missing(cfg, key):
+                out.append(path)
+            else:
+                node = cfg._get_node(key)
+                if isinstance(node, DictConfig) or OmegaConf.is_list(node):
+                    out += _missing_keys(node, path + ".")
+    elif OmegaConf.is_list(cfg):
+        for i in range(len(cfg)):
+            if OmegaConf.is_missing(cfg, i):
+                out.append(f"{prefix}{i}")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """``instantiate`` with a one-line error that names the config block and the target."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"Could not build {what} ({node.get('_target_', '?')}): {_first_line(cause)}") from e
+
+
+def build_with_optional(node: DictConfig, what: str, **extra: Any) -> Any:
+    """Instantiate ``node`` passing only the ``extra`` kwargs its target accepts (e.g. ``clip=``)."""
+    from hydra._internal.utils import _locate
+
+    target = _locate(node._target_)
+    params = inspect.signature(target).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in extra.items() if accepts_any or k in params}
+    return build(node, what, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- CLIP
+def stage_needs_clip(cfg: DictConfig, stage: str) -> bool:
+    needs = set(stage_config(cfg, stage).get("needs", []))
+    return stage != "clip" and bool(needs & {"tokens", "img_emb", "txt_emb"})
+
+
+def load_frozen_clip(cfg: DictConfig, trainer_cfg: DictConfig | None = None):
+    """Load the frozen CLIP; train the small one first when the config allows it and no checkpoint exists."""
+    checkpoint = cfg.clip.loader.get("checkpoint")
+    if checkpoint and not Path(checkpoint).exists():
+        if not cfg.clip.get("autotrain", False):
+            raise ConfigError(f"CLIP checkpoint {checkpoint} does not exist: pass an existing file with "
+                              f"clip.loader.checkpoint=/path/to/weights, or train one with `python train.py stage=clip`.")
+        log.info("No CLIP checkpoint at %s: training the small CLIP first (once; later runs reuse it).", checkpoint)
+        clip_cfg = cfg.copy()
+        with open_dict(clip_cfg):
+            clip_cfg.stage = "clip"
+            for name in GROUP_STAGES:
+                clip_cfg[name] = None
+            clip_cfg.ckpt_path = None
+            # The CLIP's own run length, whatever length the user set for the stage that needs it.
+            clip_cfg.trainer.max_epochs = None
+            clip_cfg.trainer.max_steps = None
+            clip_cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / "clip_autotrain")
+        fit(clip_cfg)
+        if not Path(checkpoint).exists():
+            raise RuntimeError(f"CLIP training finished but did not write {checkpoint}.")
+    expect = {k: cfg.clip[k] for k in ("embed_dim", "text_width", "context_length", "image_size") if k in cfg.clip}
+    return build(cfg.clip.loader, "clip.loader", **expect)
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+def trainer_kwargs(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """``cfg.trainer`` with nulls filled from the stage's recommended ``trainer:`` block, remaining nulls dropped."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key, value in (stage_config(cfg, stage).get("trainer") or {}).items():
+        if kwargs.get(key) is None:
+            kwargs[key] = value
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def wandb_mode(requested: str) -> str:
+    """``online`` needs an API key; without one fall back to ``offline`` with one message instead of failing."""
+    if requested != "online" or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return os.environ.get("WANDB_MODE", requested)
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return requested
+    log.warning("wandb: no API key found (WANDB_API_KEY or `wandb login`): logging offline; "
+                "sync later with `wandb sync`.")
+    return "offline"
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for key, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        if node._target_.endswith("WandbLogger"):
+            node = node.copy()
+            with open_dict(node):
+                node.mode = wandb_mode(node.get("mode", "online"))
+        loggers.append(build(node, f"logger.{key}"))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, stage: str) -> pl.Trainer:
+    callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    loggers = build_loggers(cfg)
+    kwargs = trainer_kwargs(cfg, stage)
+    target = kwargs.pop("_target_", "pytorch_lightning.Trainer")
+    node = OmegaConf.create({"_target_": target, **kwargs})
+    return build(node, "trainer", callbacks=callbacks, logger=loggers or False)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """Train the selected stage; return the final logged metrics."""
+    stage = selected_stage(cfg)
+    scfg = stage_config(cfg, stage)
+    pl.seed_everything(cfg.seed, workers=True)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml", resolve=True)
+    log.info("Training stage '%s'; run directory %s", stage, cfg.paths.output_dir)
+
+    clip = load_frozen_clip(cfg) if stage_needs_clip(cfg, stage) else None
+
+    datamodule = build(cfg.data, "data")
+    datamodule.needs = tuple(scfg.needs)
+    if scfg.get("image_size"):
+        datamodule.image_size = int(scfg.image_size)
+    if clip is not None:
+        datamodule.tokenizer = clip.tokenizer
+        datamodule.clip = clip
+    elif "tokens" in scfg.needs:  # the CLIP stage tokenises with the tokenizer of the model it trains
+        import open_clip
+
+        datamodule.tokenizer = open_clip.get_tokenizer(cfg.clip.loader.model_name)
+
+    module = build_with_optional(scfg.module, f"{stage}.module", clip=clip)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("compile"):
+        module.model = torch.compile(module.model)
+
+    trainer = build_trainer(cfg, stage)
+    _log_hyperparameters(trainer, cfg, stage)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    if ckpt == "last":
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(ckpt).exists():
+        raise ConfigError(f"ckpt_path={ckpt} does not exist.")
+    return str(ckpt)
+
+
+def _log_hyperparameters(trainer: pl.Trainer, cfg: DictConfig, stage: str) -> None:
+    params = OmegaConf.to_container(cfg, resolve=True)
+    params["stage_trained"] = stage
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Check the config, then fit. Configuration mistakes surface as :class:`ConfigError`."""
+    check_config(cfg)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return fit(cfg)
