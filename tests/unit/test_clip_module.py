@@ -1,0 +1,100 @@
+"""CLIPModule: contrastive training reduces the loss, logs retrieval metrics, exports a loadable CLIP."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from unclip_pl.clip.frozen import load_clip
+from unclip_pl.lit.clip import CLIPModule, _warmup_cosine
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TINY_CFG = dict(
+    embed_dim=32,
+    vision_cfg={"image_size": 16, "width": 32, "layers": 1, "head_width": 16, "patch_size": 8},
+    text_cfg={"width": 32, "heads": 2, "layers": 1},
+)
+WORDS = ["red", "blue", "green", "cat", "dog", "face", "heart", "star"]
+
+
+class PairSet(Dataset):
+    """n random 16px images, each with a caption; captions repeat every `n_captions` samples."""
+
+    def __init__(self, n: int = 32, n_captions: int = 24, seed: int = 0):
+        import open_clip
+
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+        self.txt = [f"{WORDS[i % 8]} {WORDS[(i // 8) % 8]} {i % n_captions}" for i in range(n)]
+        self.tokens = open_clip.SimpleTokenizer()(self.txt)
+
+    def __len__(self):
+        return len(self.txt)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "tokens": self.tokens[i], "txt": self.txt[i]}
+
+
+def _module(tmp_path, **kw):
+    from functools import partial
+
+    return CLIPModule(model_cfg=TINY_CFG, optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.01),
+                      warmup_steps=2, export_path=str(tmp_path / "clip.pt"), **kw)
+
+
+def test_training_reduces_loss_logs_and_exports(tmp_path):
+    torch.manual_seed(0)
+    data = PairSet()
+    module = _module(tmp_path)
+    batch = next(iter(DataLoader(data, batch_size=32)))
+    with torch.no_grad():
+        before = module.model.loss(batch)["loss"].item()
+    trainer = pl.Trainer(max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         check_val_every_n_epoch=10)
+    trainer.fit(module, DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=10))
+    with torch.no_grad():
+        after = module.model.loss(batch)["loss"].item()
+    assert after < before - 0.5, (before, after)
+    m = trainer.callback_metrics
+    for key in ("val/loss", "val/i2t_top1", "val/i2t_top5", "val/t2i_top1", "val/t2i_top5"):
+        assert key in m, key
+    assert m["val/n_samples"] == 32  # every val sample (4 steps) was gathered
+    assert m["val/i2t_top5"] >= m["val/i2t_top1"]
+    # the export is the frozen CLIP for later stages, identical to the trained weights
+    clip = load_clip("unclip-tiny", checkpoint=tmp_path / "clip.pt", embed_dim=32, image_size=16)
+    img = clip.encode_image(batch["image"])
+    module.eval()
+    with torch.no_grad():
+        ref = module.model.encode_image(batch["image"])
+    torch.testing.assert_close(img, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_trimmed_training_loss_equals_untrimmed(tmp_path):
+    torch.manual_seed(0)
+    a = _module(tmp_path, trim_text=True)
+    b = _module(tmp_path, trim_text=False)
+    b.model.load_state_dict(a.model.state_dict())
+    batch = next(iter(DataLoader(PairSet(), batch_size=8)))
+    la, lb = a.model.loss(batch)["loss"], b.model.loss(batch)["loss"]
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+
+
+def test_logit_scale_clamped(tmp_path):
+    module = _module(tmp_path)
+    with torch.no_grad():
+        module.model.clip.logit_scale.fill_(10.0)
+    out = module.model.loss(next(iter(DataLoader(PairSet(), batch_size=4))))
+    assert out["logit_scale"].item() == pytest.approx(100.0, rel=1e-4)
+
+
+def test_warmup_cosine_schedule():
+    assert _warmup_cosine(0, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert _warmup_cosine(9, warmup=10, total=100, min_ratio=0.1) == pytest.approx(1.0)
+    assert _warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert _warmup_cosine(50, warmup=10, total=None, min_ratio=0.1) == 1.0

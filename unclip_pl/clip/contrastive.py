@@ -1,0 +1,101 @@
+"""Trainable CLIP with the symmetric InfoNCE loss (no Lightning here; ``unclip_pl.lit.clip`` wraps it)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from unclip_pl.clip.frozen import encode_text_tokens, model_image_size, preprocess_images
+from unclip_pl.clip.small import DEFAULT_SMALL, SMALL_CLIP_CONFIGS, build_from_config, small_clip_config
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class ContrastiveCLIP(nn.Module):
+    """An open_clip ``CLIP`` trained contrastively.
+
+    Args:
+        model_name: small config name (``unclip-tiny``) the overrides apply to; also stored in the export.
+        model_cfg: open_clip model config overrides (``embed_dim``, ``vision_cfg``, ``text_cfg`` dicts).
+        trim_text: trim caption tokens to the longest caption in the batch (exact; about halves text-tower cost).
+        gather: with torch.distributed initialised and world size > 1, compute the loss against the features of all
+            ranks (differentiable all-gather), as in CLIP.
+    """
+
+    def __init__(self, model_name: str = DEFAULT_SMALL, model_cfg: dict[str, Any] | None = None,
+                 trim_text: bool = True, gather: bool = True):
+        super().__init__()
+        base = model_name if model_name in SMALL_CLIP_CONFIGS else DEFAULT_SMALL
+        self.model_name = model_name
+        self.model_cfg = small_clip_config(base, **(dict(model_cfg) if model_cfg else {}))
+        self.clip = build_from_config(self.model_cfg)
+        self.trim_text = trim_text
+        self.gather = gather
+        pp = self.clip.visual.preprocess_cfg
+        self.image_size = model_image_size(self.clip)
+        self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, D) unit-norm (same preprocessing as FrozenCLIP)."""
+        x = preprocess_images(images, self.image_size, self.mean, self.std)
+        return F.normalize(self.clip.encode_image(x), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64 -> (B, D) unit-norm."""
+        pooled, _, _ = encode_text_tokens(self.clip, tokens, trim=self.trim_text)
+        return F.normalize(pooled, dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """batch: image (B, 3, H, W) in [-1, 1], tokens (B, L). Returns loss, acc (in-batch i2t top-1), logit_scale."""
+        with torch.no_grad():  # CLIP's clamp of the temperature (the parameter itself, as open_clip does)
+            self.clip.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        img = self.encode_image(batch["image"])
+        txt = self.encode_text(batch["tokens"])
+        return self.contrastive_loss(img, txt)
+
+    def contrastive_loss(self, img: torch.Tensor, txt: torch.Tensor, gather: bool | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """img, txt: (B, D) unit-norm paired features -> symmetric InfoNCE (with ``gather``, default ``self.gather``,
+        every rank's features are negatives: then every rank must call it, B may differ)."""
+        gather = self.gather if gather is None else gather
+        offset, all_img, all_txt = 0, img, txt
+        if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            offset, all_img, all_txt = _gather_features(img, txt)
+        scale = self.clip.logit_scale.exp()
+        logits_i2t = scale * img @ all_txt.T  # (B, N) with N = B, or sum of B over ranks
+        logits_t2i = scale * txt @ all_img.T
+        labels = torch.arange(img.shape[0], device=img.device) + offset
+        loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+        acc = (logits_i2t.argmax(dim=-1) == labels).float().mean()
+        return {"loss": loss, "acc": acc.detach(), "logit_scale": scale.detach()}
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.loss(batch)
+
+
+def _gather_features(img: torch.Tensor, txt: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Differentiable all-gather of (B_r, D) features from every rank (B_r may differ: padded then cut).
+    Returns (offset of this rank's rows, (sum B_r, D) images, (sum B_r, D) texts)."""
+    import torch.distributed.nn.functional as dist_fn
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([img.shape[0]], device=img.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    pad = max(sizes) - img.shape[0]
+    both = torch.cat([img, txt], dim=-1)  # (B, 2D)
+    if pad:
+        both = torch.cat([both, both.new_zeros(pad, both.shape[1])], dim=0)
+    parts = dist_fn.all_gather(both)
+    full = torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    d = img.shape[1]
+    return sum(sizes[:rank]), full[:, :d], full[:, d:]

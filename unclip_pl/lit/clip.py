@@ -1,0 +1,158 @@
+"""LightningModule training the small CLIP contrastively (``python train.py stage=clip``).
+
+Each validation epoch it embeds ALL val samples (gathered across steps and ranks), de-duplicates captions and logs
+``val/i2t_top1``, ``val/i2t_top5``, ``val/t2i_top1``, ``val/t2i_top5`` and ``val/loss``. When fit ends, rank 0
+exports the weights with ``export_clip`` so ``load_clip(model_name, checkpoint=export_path)`` gives the frozen CLIP
+for every later stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from unclip_pl.clip.contrastive import ContrastiveCLIP
+from unclip_pl.clip.small import DEFAULT_SMALL, export_clip
+from unclip_pl.lit.base import StageModule, param_groups
+from unclip_pl.metrics.retrieval import caption_groups, clip_retrieval
+
+
+class CLIPModule(StageModule):
+    """Contrastive training of an open_clip CLIP.
+
+    Args:
+        model_name: small architecture name (``unclip-tiny``); stored in the export.
+        model_cfg: open_clip config overrides: ``embed_dim``, ``vision_cfg`` {image_size, width, layers, patch_size,
+            head_width}, ``text_cfg`` {context_length, width, heads, layers, vocab_size}.
+        optimizer: partial optimiser (``torch.optim.AdamW``, ``_partial_: true``); called with parameter groups
+            (no weight decay on biases, norms, embeddings, logit scale).
+        warmup_steps: linear warm-up in optimiser steps.
+        lr_schedule: ``"cosine"`` (decay to ``min_lr_ratio`` x lr over the run's estimated steps, when Lightning can
+            estimate them) or ``"constant"`` after warm-up.
+        export_path: where to write the trained CLIP at fit end (None: no export).
+        trim_text: trim caption tokens to the longest caption in the batch (exact; cheaper text tower).
+        ema_decay: weight EMA (None by default: short runs).
+    Batch: ``image`` (B, 3, H, W) in [-1, 1], ``tokens`` (B, L) int64; ``txt`` is not needed (captions are
+    de-duplicated by their token ids).
+    """
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_SMALL,
+        model_cfg: dict[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        export_path: str | None = None,
+        trim_text: bool = True,
+        ema_decay: float | None = None,
+    ):
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        model = ContrastiveCLIP(model_name, model_cfg, trim_text=trim_text)
+        super().__init__(model=model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay)
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
+        self.export_path = str(export_path) if export_path else None
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model.loss(batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Same logs as StageModule.training_step, but `train/loss` logged once (Lightning refuses the same key logged
+        # twice with different prog_bar settings in one step).
+        out = self.compute_loss(batch)
+        bs = int(batch["image"].shape[0])
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=bs)
+        return out["loss"]
+
+    def configure_optimizers(self):
+        factory = self.optimizer_factory
+        wd = factory.keywords.get("weight_decay", 0.0) if isinstance(factory, functools.partial) else 0.0
+        optimizer = factory(param_groups(self.model, wd))
+        total = None
+        if self.lr_schedule == "cosine":
+            try:
+                est = self.trainer.estimated_stepping_batches
+                total = int(est) if est is not None and math.isfinite(est) else None
+            except Exception:  # noqa: BLE001 -- no trainer / unsized loader
+                total = None
+        if self.warmup_steps <= 0 and total is None:
+            return optimizer
+        lr_lambda = functools.partial(_warmup_cosine, warmup=self.warmup_steps, total=total,
+                                      min_ratio=self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        model = self.eval_model
+        img = model.encode_image(batch["image"])
+        txt = model.encode_text(batch["tokens"])
+        out = model.contrastive_loss(img, txt, gather=False)
+        self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, batch_size=img.shape[0])
+        self._val_outputs.append((img.float().cpu(), txt.float().cpu(), batch["tokens"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        img = torch.cat([o[0] for o in self._val_outputs])
+        txt = torch.cat([o[1] for o in self._val_outputs])
+        tokens = torch.cat([o[2] for o in self._val_outputs])
+        self._val_outputs = []
+        if self.trainer.world_size > 1:
+            img, txt, tokens = (self._gather_rows(t) for t in (img, txt, tokens))
+        metrics = clip_retrieval(img, txt, caption_groups(tokens), k=(1, 5))
+        # identical on every rank after the gather, so no further sync is needed
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name == "i2t_top1")
+        self.log("val/n_samples", float(img.shape[0]))
+
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate (N_r, ...) tensors from all ranks (N_r may differ) -> (sum N_r, ...) on CPU."""
+        dev = self.device
+        n = torch.tensor([x.shape[0]], device=dev)
+        sizes = self.all_gather(n).reshape(-1).tolist()  # (world,)
+        pad = int(max(sizes)) - x.shape[0]
+        x = x.to(dev)
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], dim=0)
+        gathered = self.all_gather(x)  # (world, max N, ...)
+        return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).cpu()
+
+    # ------------------------------------------------------------------ export
+    def export(self, path: str | None = None) -> str | None:
+        """Write the (EMA if any) CLIP weights + config with ``export_clip``; returns the path."""
+        path = path or self.export_path
+        if not path:
+            return None
+        model = self.eval_model
+        export_clip(model.clip, model.model_name, model.model_cfg, path)
+        return path
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and self.export_path:
+            path = self.export(self.export_path)
+            rank_zero_info(f"[clip] exported trained CLIP to {path} "
+                           f"(load with clip.loader.checkpoint={path})")
+
+
+def _warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` at ``total`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total is None or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
