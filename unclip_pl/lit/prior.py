@@ -1,0 +1,162 @@
+"""LightningModule of the diffusion prior (``python train.py prior=diffusion``).
+
+Training: captions' token ids are encoded by the frozen CLIP text tower (per-token states + padding mask) and the
+``DiffusionPrior`` loss is applied to the batch's CLIP image/text embeddings.
+Validation (EMA weights): ``val/loss`` every time; every ``sample_every_n_val``-th validation run it also samples z_i
+for the captions, gathers predictions across steps and ranks, and logs the metrics of
+``unclip_pl.metrics.prior_metrics`` as ``val/<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from unclip_pl.lit.base import StageModule
+from unclip_pl.metrics.prior_metrics import prior_metrics
+
+log = logging.getLogger(__name__)
+
+
+class PriorModule(StageModule):
+    """Diffusion prior training/validation glue.
+
+    Args:
+        model: ``unclip_pl.models.prior.DiffusionPrior``.
+        optimizer, warmup_steps, ema_decay, clip: see ``StageModule`` (``clip`` is required: a FrozenCLIP-like object
+            with ``encode_text(tokens) -> .emb (B, D), .tokens (B, L', W), .mask (B, L')``).
+        normalizer_batches: with ``normalization="standardize"``, the number of training batches read at fit start
+            to fit the per-dimension statistics (skipped when already fitted, e.g. when resuming).
+        sample_every_n_val: sample and compute the embedding metrics on every n-th validation run.
+        sample_max_batches: sample at most this many validation batches per run (None = all).
+        val_steps / val_sampler / val_eta / val_guidance_scale / val_best_of: sampler settings for validation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        clip: nn.Module | None = None,
+        normalizer_batches: int = 100,
+        sample_every_n_val: int = 1,
+        sample_max_batches: int | None = None,
+        val_steps: int = 64,
+        val_sampler: str = "ddim",
+        val_eta: float = 0.0,
+        val_guidance_scale: float = 1.0,
+        val_best_of: int = 2,
+    ):
+        super().__init__(model, optimizer, warmup_steps, ema_decay, clip)
+        self.normalizer_batches = normalizer_batches
+        self.sample_every_n_val = max(1, int(sample_every_n_val))
+        self.sample_max_batches = sample_max_batches
+        self.val_sample_kwargs = dict(steps=val_steps, sampler=val_sampler, eta=val_eta,
+                                      guidance_scale=val_guidance_scale, best_of=val_best_of)
+        self._val_runs = 0
+        self._sample_now = False
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor):
+        """Frozen CLIP text encoding of (B, L) token ids -> TextEncoding(emb (B,D), tokens (B,L',W), mask (B,L'))."""
+        if self.clip is None:
+            raise RuntimeError("PriorModule needs the frozen CLIP (clip=...) to encode caption tokens")
+        return self.clip.encode_text(tokens)
+
+    def _inputs(self, batch: dict[str, Any]):
+        enc = self.encode_text(batch["tokens"])
+        txt_emb = batch.get("txt_emb")
+        if txt_emb is None:
+            txt_emb = enc.emb
+        return batch["img_emb"].float(), txt_emb.float(), enc.tokens.float(), enc.mask
+
+    # ------------------------------------------------------------------ normaliser
+    def on_fit_start(self) -> None:
+        if getattr(self.model, "needs_fit", False):
+            self.fit_normalizer_from_data()
+
+    @torch.no_grad()
+    def fit_normalizer_from_data(self) -> None:
+        """Fit the model's per-dimension statistics from up to ``normalizer_batches`` training batches per rank
+        (sufficient statistics summed across ranks), then copy them into the EMA model."""
+        source = getattr(self.trainer.fit_loop, "_data_source", None)
+        loader = source.dataloader() if source is not None else self.trainer.datamodule.train_dataloader()
+        d = self.model.embed_dim
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = torch.zeros(d, dtype=torch.float64, device=self.device)
+        total_sq = torch.zeros(d, dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(loader):
+            if i >= self.normalizer_batches:
+                break
+            x = batch["img_emb"].to(self.device, torch.float64)
+            count += x.shape[0]
+            total += x.sum(0)
+            total_sq += (x * x).sum(0)
+        if self.trainer.world_size > 1:
+            count, total, total_sq = (self.all_gather(v).sum(0) for v in (count, total, total_sq))
+        self.model.fit_normalizer_from_stats(count, total, total_sq)
+        if self.ema is not None:
+            for b_ema, b in zip(self.ema.module.buffers(), self.model.buffers()):
+                b_ema.copy_(b)
+        log.info("prior: fitted the embedding normaliser on %d training embeddings", int(count.item()))
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        img_emb, txt_emb, tokens, mask = self._inputs(batch)
+        return self.model.loss(img_emb, txt_emb, tokens, mask)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Same logs as StageModule.training_step, but "train/loss" logged once (the base logs it twice with different
+        # arguments, which Lightning rejects).
+        out = self.compute_loss(batch)
+        bs = batch["img_emb"].shape[0]
+        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=bs)
+        return out["loss"]
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+        self._sample_now = self._val_runs % self.sample_every_n_val == 0
+        if not self.trainer.sanity_checking:
+            self._val_runs += 1
+
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        """Fixed per-batch seeds: validation noise is the same at every run, so metrics are comparable."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(1000003 * self.global_rank + batch_idx)
+        return g
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        model = self.eval_model
+        img_emb, txt_emb, tokens, mask = self._inputs(batch)
+        out = model.loss(img_emb, txt_emb, tokens, mask, generator=self._generator(batch_idx))
+        self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, batch_size=img_emb.shape[0])
+        if self._sample_now and (self.sample_max_batches is None or batch_idx < self.sample_max_batches):
+            pred = model.sample(txt_emb, tokens, mask, generator=self._generator(batch_idx), **self.val_sample_kwargs)
+            self._val_outputs.append((pred.float(), img_emb, txt_emb))
+
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """All-gather (N_rank, D) tensors of different lengths -> (sum N, D)."""
+        if self.trainer.world_size <= 1:
+            return x
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = self.all_gather(n).flatten()  # (world,)
+        pad = int(sizes.max().item()) - x.shape[0]
+        padded = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+        gathered = self.all_gather(padded)  # (world, max, D)
+        return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes.tolist())])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        pred, img, txt = (self._gather_rows(torch.cat(xs)) for xs in zip(*self._val_outputs))
+        self._val_outputs = []
+        metrics = prior_metrics(pred, img, txt)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)

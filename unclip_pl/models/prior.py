@@ -1,0 +1,191 @@
+"""The diffusion prior model: a prior network paired with Gaussian diffusion over (scaled) CLIP image embeddings.
+
+``DiffusionPrior.loss`` trains the network to predict the unnoised z_i (x0 target, MSE) with the text conditioning
+replaced by learned nulls at ``cond_drop_prob``; ``DiffusionPrior.sample`` draws z_i with a respaced sampler,
+classifier-free guidance and best-of-N selection by the dot product with z_t (unCLIP section 2.2).
+
+Unit-norm CLIP embeddings are badly scaled for diffusion (per-dimension std ~ 1/sqrt(D)), so z_i is mapped to a
+space with roughly unit variance per dimension:
+  - ``"scale"``: z * sqrt(D) (the paper's x17.2 for D = 1024 is sqrt(D) rounded);
+  - ``"standardize"``: (z - mean) / std per dimension, with mean/std buffers fitted on training embeddings
+    (:meth:`DiffusionPrior.fit_normalizer`) and saved in the checkpoint.
+z_t, a conditioning input only, is always fed as z_t * sqrt(D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, get_betas, sample_ddim, sample_ddpm,
+                                 sample_dpmpp_2m)
+
+NORMALIZATIONS = ("scale", "standardize")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+
+
+def select_best_of(candidates: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
+    """Keep, per caption, the candidate with the largest dot product with z_t.
+
+    Args:
+        candidates: (B, N, D) candidate image embeddings.
+        txt_emb: (B, D) text embeddings.
+    Returns:
+        (B, D) the selected candidates.
+    """
+    scores = torch.einsum("bnd,bd->bn", candidates.float(), txt_emb.float())  # (B, N)
+    best = scores.argmax(dim=1)  # (B,)
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), best]
+
+
+class DiffusionPrior(nn.Module):
+    """Prior network + Gaussian diffusion over CLIP image embeddings.
+
+    Args:
+        net: ``PriorTransformer``-like module, ``net(x (B,D), t (B,), *, text_tokens, text_mask, txt_emb, drop_cond)``.
+        diffusion: the training ``GaussianDiffusion`` (default: 1000-step cosine schedule, x0 target, MSE).
+        cond_drop_prob: probability of replacing the text conditioning by learned nulls in training (paper: 0.1).
+        normalization: "scale" or "standardize" (see module docstring).
+        embed_dim: D (defaults to ``net.embed_dim``).
+    """
+
+    def __init__(self, net: nn.Module, diffusion: GaussianDiffusion | None = None, cond_drop_prob: float = 0.1,
+                 normalization: str = "scale", embed_dim: int | None = None):
+        super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; valid choices: {', '.join(NORMALIZATIONS)}")
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        self.net = net
+        self.diffusion = diffusion if diffusion is not None else GaussianDiffusion(get_betas("cosine", 1000),
+                                                                                   target="x0")
+        if self.diffusion.learn_sigma:
+            raise ValueError("the diffusion prior predicts x0 only (learn_sigma=False)")
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.normalization = normalization
+        self.embed_dim = int(embed_dim if embed_dim is not None else net.embed_dim)
+        d = self.embed_dim
+        self.register_buffer("norm_mean", torch.zeros(d))
+        self.register_buffer("norm_std", torch.full((d,), 1.0 / math.sqrt(d)))
+        self.register_buffer("norm_fitted", torch.zeros((), dtype=torch.bool))
+        self._fit_checked = False
+
+    # ------------------------------------------------------------------ normalisation
+    @property
+    def needs_fit(self) -> bool:
+        """True when ``normalization="standardize"`` and the statistics were never fitted."""
+        return self.normalization == "standardize" and not bool(self.norm_fitted)
+
+    @torch.no_grad()
+    def fit_normalizer(self, img_embs: torch.Tensor) -> None:
+        """Fit the per-dimension mean/std of training image embeddings (N, D)."""
+        x = img_embs.detach().double()
+        self.fit_normalizer_from_stats(torch.tensor(float(x.shape[0])), x.sum(0), (x * x).sum(0))
+
+    @torch.no_grad()
+    def fit_normalizer_from_stats(self, count: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor) -> None:
+        """Fit from sufficient statistics (so ranks can sum them): count (), sum (D,), sum of squares (D,)."""
+        n = float(count)
+        if n < 2:
+            raise ValueError(f"need at least 2 embeddings to fit the normaliser, got {n:g}")
+        mean = total.double() / n
+        var = (total_sq.double() / n - mean * mean) * n / (n - 1)
+        std = var.clamp(min=0).sqrt().clamp(min=1e-6)
+        self.norm_mean.copy_(mean.to(self.norm_mean))
+        self.norm_std.copy_(std.to(self.norm_std))
+        self.norm_fitted.fill_(True)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings (B, D) -> diffusion space (B, D)."""
+        z = z.float()
+        if self.normalization == "scale":
+            return z * math.sqrt(self.embed_dim)
+        return (z - self.norm_mean) / self.norm_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Diffusion space (B, D) -> unit-norm image embeddings (B, D)."""
+        x = x.float()
+        if self.normalization == "standardize":
+            x = x * self.norm_std + self.norm_mean
+        return F.normalize(x, dim=-1)
+
+    def scale_text(self, txt_emb: torch.Tensor) -> torch.Tensor:
+        """z_t (B, D) unit norm -> network input z_t * sqrt(D)."""
+        return txt_emb.float() * math.sqrt(self.embed_dim)
+
+    # ------------------------------------------------------------------ training
+    def sample_drop_mask(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(batch,) bool, True with probability ``cond_drop_prob``: rows trained with the null conditioning."""
+        return torch.rand(batch, device=device, generator=generator) < self.cond_drop_prob
+
+    def loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Diffusion training loss (MSE of the predicted unnoised z_i in the normalised space).
+
+        Args:
+            img_emb: (B, D) unit-norm CLIP image embeddings (targets).
+            txt_emb: (B, D) unit-norm CLIP text embeddings.
+            text_tokens: (B, L', W) CLIP text token encodings; text_mask: (B, L') bool.
+            generator: optional generator for timesteps, noise and the drop mask (tests).
+        Returns:
+            dict(loss scalar, mse scalar, cond_drop_frac scalar).
+        """
+        if self.normalization == "standardize" and not self._fit_checked:  # one host sync, then never again
+            if self.needs_fit:
+                raise RuntimeError("normalization='standardize' but fit_normalizer() was never called")
+            self._fit_checked = True
+        b, device = img_emb.shape[0], img_emb.device
+        x0 = self.normalize(img_emb)
+        t = torch.randint(0, self.diffusion.num_steps, (b,), device=device, generator=generator)
+        noise = torch.randn(x0.shape, device=device, generator=generator)
+        drop = self.sample_drop_mask(b, device, generator)
+        kwargs = dict(text_tokens=text_tokens, text_mask=text_mask, txt_emb=self.scale_text(txt_emb), drop_cond=drop)
+        terms = self.diffusion.training_losses(self.net, x0, t, model_kwargs=kwargs, noise=noise)
+        return {"loss": terms["loss"].mean(), "mse": terms["mse"].mean().detach(),
+                "cond_drop_frac": drop.float().mean()}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, steps=64,
+               sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0, best_of: int = 2,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Sample image embeddings for captions.
+
+        Args:
+            txt_emb: (B, D) unit-norm z_t; text_tokens: (B, L', W); text_mask: (B, L') bool.
+            steps: respacing spec (int or "ddimN" or list) of the 1000 training steps.
+            sampler: "ddim" (with ``eta``), "ddpm" (ancestral) or "dpmpp_2m".
+            guidance_scale: classifier-free guidance scale (1 = conditional only, no extra pass).
+            best_of: N candidates per caption (batched as B*N); the one with the largest dot product with z_t wins.
+            generator: torch.Generator on the embeddings' device for every random draw (makes sampling deterministic).
+        Returns:
+            (B, D) unit-norm predicted image embeddings z_i.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
+        if self.needs_fit:
+            raise RuntimeError("normalization='standardize' but fit_normalizer() was never called")
+        b, n, device = txt_emb.shape[0], max(1, int(best_of)), txt_emb.device
+        zt = self.scale_text(txt_emb).repeat_interleave(n, dim=0)        # (B*N, D)
+        tok = text_tokens.repeat_interleave(n, dim=0)                     # (B*N, L', W)
+        mask = text_mask.bool().repeat_interleave(n, dim=0)               # (B*N, L')
+        keep = torch.zeros(b * n, dtype=torch.bool, device=device)
+        cond = dict(text_tokens=tok, text_mask=mask, txt_emb=zt, drop_cond=keep)
+        if guidance_scale == 1.0:
+            model_fn, model_kwargs = self.net, cond
+        else:
+            uncond = dict(cond, drop_cond=torch.ones_like(keep))
+            model_fn, model_kwargs = classifier_free_guidance(self.net, guidance_scale, cond, uncond), None
+        x_T = torch.randn((b * n, self.embed_dim), device=device, generator=generator)
+        common = dict(steps=steps, model_kwargs=model_kwargs, generator=generator, progress=progress)
+        if sampler == "ddim":
+            x0 = sample_ddim(self.diffusion, model_fn, x_T, eta=eta, **common)
+        elif sampler == "ddpm":
+            x0 = sample_ddpm(self.diffusion, model_fn, x_T, **common)
+        else:
+            x0 = sample_dpmpp_2m(self.diffusion, model_fn, x_T, **common)
+        z = self.denormalize(x0).view(b, n, self.embed_dim)             # (B, N, D) unit norm
+        return F.normalize(select_best_of(z, txt_emb), dim=-1)
