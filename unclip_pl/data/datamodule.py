@@ -1,0 +1,197 @@
+"""LightningDataModule over webdataset shards."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .shards import (LoaderStats, VALID_NEEDS, batches_per_worker, build_pipeline, count_samples, expand_urls,
+                     _is_remote)
+
+log = logging.getLogger(__name__)
+
+EMB_NEEDS = {"img_emb", "txt_emb"}
+
+
+def _source_id(urls: list[str]) -> str:
+    """Short hash of the shard list (plus size and mtime of local files)."""
+    h = hashlib.sha1()
+    for u in urls:
+        h.update(u.encode())
+        if not _is_remote(u) and os.path.exists(u):
+            st = os.stat(u)
+            h.update(f":{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:10]
+
+
+def _env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Train/val batches from webdataset shards (format: ``/work/contract.md``, "Batch format").
+
+    Args:
+        train_urls / val_urls: shard specs (brace patterns, globs, lists, directories, ``pipe:``/fsspec URLs).
+        batch_size / val_batch_size: samples per batch (val defaults to ``batch_size``).
+        num_workers: DataLoader workers (capped at the number of shards each rank reads).
+        image_size: output image side (shorter-side resize + crop).
+        needs: batch keys to deliver, subset of {"image", "txt", "tokens", "img_emb", "txt_emb"}; settable
+            after construction (the training entry sets it from the stage config).
+        tokenizer: ``list[str] -> LongTensor (B, L)``; settable after construction. If None and ``clip`` is set,
+            ``clip.tokenize`` is used.
+        shuffle_buffer: sample shuffle buffer (train only).
+        resampled / epoch_length: draw training shards with replacement, ``epoch_length`` samples per epoch over
+            all ranks. With more than one rank and ``resampled=False`` training switches to resampled mode with
+            ``epoch_length`` = the number of training samples, so every rank runs the same number of steps.
+        random_crop: random (train) instead of centre crops.
+        embed_cache_dir: if set, and ``needs`` has img_emb/txt_emb, and a FrozenCLIP is assigned to ``dm.clip``,
+            shards are embedded once into ``embed_cache_dir/<clip.fingerprint>/{train,val}`` and read from there.
+    Attributes:
+        stats: ``{"train": LoaderStats, "val": LoaderStats}`` (samples delivered, corrupt images skipped).
+    """
+
+    def __init__(self, train_urls: str | Sequence[str] | None = None, val_urls: str | Sequence[str] | None = None,
+                 batch_size: int = 32, val_batch_size: int | None = None, num_workers: int = 2,
+                 image_size: int = 64, needs: Iterable[str] = ("image", "txt"), tokenizer: Callable | None = None,
+                 shuffle_buffer: int = 1000, resampled: bool = False, epoch_length: int | None = None,
+                 random_crop: bool = False, pin_memory: bool | None = None, persistent_workers: bool = True,
+                 seed: int = 0, embed_cache_dir: str | None = None, embed_batch_size: int = 256):
+        super().__init__()
+        self.train_urls, self.val_urls = train_urls, val_urls
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.image_size = int(image_size)
+        self.needs = tuple(needs)
+        self.tokenizer = tokenizer
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.resampled, self.epoch_length = bool(resampled), epoch_length
+        self.random_crop = bool(random_crop)
+        self.pin_memory = pin_memory
+        self.persistent_workers = bool(persistent_workers)
+        self.seed = int(seed)
+        self.embed_cache_dir = embed_cache_dir
+        self.embed_batch_size = int(embed_batch_size)
+        self.clip = None  # a FrozenCLIP assigned by the training entry (used for tokens and cached embeddings)
+        self.stats = {"train": LoaderStats(), "val": LoaderStats()}
+        self.train_dataset = self.val_dataset = None
+        self._train_workers = self._val_workers = 0
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.world_size) if trainer is not None else _env_world_size()
+
+    def _check_needs(self) -> set[str]:
+        needs = set(self.needs)
+        unknown = needs - VALID_NEEDS
+        if unknown:
+            raise ValueError(f"data needs {sorted(unknown)} are unknown; valid: {sorted(VALID_NEEDS)}")
+        return needs
+
+    def _embedding_wanted(self) -> bool:
+        return bool(self._check_needs() & EMB_NEEDS) and self.embed_cache_dir is not None and self.clip is not None
+
+    def embedded_dir(self, split: str, urls: list[str]) -> Path:
+        """``embed_cache_dir/<clip fingerprint>/<split>-<id of the source shards>`` (the id changes when the
+        source shards are rewritten, so a stale cache is never read)."""
+        return Path(self.embed_cache_dir) / str(self.clip.fingerprint) / f"{split}-{_source_id(urls)}"
+
+    def _source_urls(self, split: str):
+        return self.train_urls if split == "train" else self.val_urls
+
+    def _urls(self, split: str) -> list[str] | None:
+        """Shard URLs to read for ``split``; runs (or reuses) the embedding cache when configured."""
+        spec = self._source_urls(split)
+        if spec is None:
+            return None
+        urls = expand_urls(spec)
+        if self._embedding_wanted():
+            from .embed import embed_shards
+
+            out = self.embedded_dir(split, urls)
+            log.info("embedding %s shards with CLIP %s into %s (cached)", split, self.clip.fingerprint, out)
+            urls = embed_shards(urls, out, self.clip, batch_size=self.embed_batch_size)
+        return urls
+
+    def _workers_for(self, urls: list[str], resampled: bool) -> int:
+        if self.num_workers <= 0:
+            return 0
+        if resampled:
+            return self.num_workers
+        return max(1, min(self.num_workers, math.ceil(len(urls) / max(1, self.world_size))))
+
+    # -- Lightning hooks -------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Rank 0 only: fill the embedding cache if one is configured."""
+        if self._embedding_wanted():
+            for split in ("train", "val"):
+                self._urls(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        needs = self._check_needs()
+        tokenizer = self.tokenizer
+        if "tokens" in needs and tokenizer is None and self.clip is not None:
+            tokenizer = self.clip.tokenize
+        common = dict(needs=needs, image_size=self.image_size, tokenizer=tokenizer, seed=self.seed)
+        if stage in (None, "fit") and self.train_urls is not None:
+            urls = self._urls("train")
+            resampled, epoch_length = self.resampled, self.epoch_length
+            if self.world_size > 1 and not resampled:
+                if epoch_length is None:
+                    if any(_is_remote(u) for u in urls):
+                        raise ValueError("training on several ranks needs equal step counts: set "
+                                         "data.resampled=true and data.epoch_length=<samples per epoch>")
+                    epoch_length = count_samples(urls)
+                resampled = True
+                log.info("world size %d: training shards are resampled, %d samples per epoch", self.world_size,
+                         epoch_length)
+            self.train_dataset = build_pipeline(
+                urls, batch_size=self.batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
+                resampled=resampled, epoch_length=epoch_length, random_crop=self.random_crop,
+                stats=self.stats["train"], **common)
+            self._train_workers = self._workers_for(urls, resampled)
+            if resampled:
+                n = batches_per_worker(epoch_length, self.batch_size, self.world_size, self._train_workers)
+                self.train_dataset.with_length(n * max(1, self._train_workers), silent=True)
+        if stage in (None, "fit", "validate") and self.val_urls is not None:
+            urls = self._urls("val")
+            self.val_dataset = build_pipeline(urls, batch_size=self.val_batch_size, train=False,
+                                              stats=self.stats["val"], **common)
+            self._val_workers = self._workers_for(urls, False)
+
+    def _loader(self, dataset, workers: int) -> DataLoader:
+        """A plain DataLoader over the (already batching) pipeline: ``batch_size=None``."""
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                             persistent_workers=self.persistent_workers and workers > 0,
+                             prefetch_factor=4 if workers > 0 else None)
+
+    def train_dataloader(self):
+        if self.train_dataset is None:
+            self.setup("fit")
+        if self.train_dataset is None:
+            raise ValueError("no train_urls configured for this data module")
+        return self._loader(self.train_dataset, self._train_workers)
+
+    def val_dataloader(self):
+        if self.val_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self._val_workers)
+
+    def teardown(self, stage: str | None = None) -> None:
+        for split, s in self.stats.items():
+            if s.skipped_corrupt:
+                log.warning("%s loader: skipped %d corrupt image(s) in total (%d samples delivered)", split,
+                            s.skipped_corrupt, s.samples)
