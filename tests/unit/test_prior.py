@@ -117,6 +117,20 @@ def test_drop_cond_replaces_text_conditioning_with_nulls():
     assert torch.allclose(a[2:], c[2:], atol=1e-6) and not torch.allclose(a[:2], c[:2])
 
 
+def test_cached_prefix_matches_full_forward():
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    img, txt, tok, mask = batch(b=4)
+    t = torch.tensor([0, 10, 500, 999])
+    drop = torch.tensor([False, True, False, True])
+    ref = net(img, t, text_tokens=tok, text_mask=mask, txt_emb=txt, drop_cond=drop)
+    cache = net.encode_prefix(tok, mask, txt, drop)
+    assert cache["prefix_k"].shape == (4, 2, 4, 8 + 1, 8) and cache["prefix_mask"].shape == (4, 9)
+    assert torch.allclose(net.forward_cached(img, t, **cache), ref, atol=1e-5)
+    assert torch.allclose(net.forward_cached(img + 1, t + 3, **cache),
+                          net(img + 1, t + 3, text_tokens=tok, text_mask=mask, txt_emb=txt, drop_cond=drop), atol=1e-5)
+
+
 def test_net_compiles():
     net = tiny_net()
     img, txt, tok, mask = batch(b=2)
@@ -196,6 +210,16 @@ def test_sample_unit_norm_and_deterministic(sampler):
     assert a.shape == (3, D)
     assert torch.allclose(a.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_sample_with_cache_equals_without():
+    torch.manual_seed(0)
+    model = DiffusionPrior(tiny_net()).eval()
+    img, txt, tok, mask = batch(b=3)
+    kw = dict(steps=6, best_of=2, guidance_scale=3.0)
+    a = model.sample(txt, tok, mask, generator=torch.Generator().manual_seed(1), use_cache=True, **kw)
+    b = model.sample(txt, tok, mask, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
+    assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_sample_best_of_is_the_best_candidate():

@@ -151,7 +151,8 @@ class DiffusionPrior(nn.Module):
     @torch.no_grad()
     def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, steps=64,
                sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0, best_of: int = 2,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress: bool = False,
+               use_cache: bool = True) -> torch.Tensor:
         """Sample image embeddings for captions.
 
         Args:
@@ -161,6 +162,8 @@ class DiffusionPrior(nn.Module):
             guidance_scale: classifier-free guidance scale (1 = conditional only, no extra pass).
             best_of: N candidates per caption (batched as B*N); the one with the largest dot product with z_t wins.
             generator: torch.Generator on the embeddings' device for every random draw (makes sampling deterministic).
+            use_cache: encode the step-independent caption/z_t prefix once (``net.encode_prefix``) and run only the
+                3 step-dependent tokens per step (``net.forward_cached``); same result, many times faster.
         Returns:
             (B, D) unit-norm predicted image embeddings z_i.
         """
@@ -173,12 +176,26 @@ class DiffusionPrior(nn.Module):
         tok = text_tokens.repeat_interleave(n, dim=0)                     # (B*N, L', W)
         mask = text_mask.bool().repeat_interleave(n, dim=0)               # (B*N, L')
         keep = torch.zeros(b * n, dtype=torch.bool, device=device)
-        cond = dict(text_tokens=tok, text_mask=mask, txt_emb=zt, drop_cond=keep)
-        if guidance_scale == 1.0:
-            model_fn, model_kwargs = self.net, cond
+        cached = use_cache and hasattr(self.net, "encode_prefix")
+        if cached:  # the caption/z_t prefix is step-independent (causal mask): encode it once, reuse it every step
+            net_fn = self.net.forward_cached
+            keep_b = torch.zeros(b, dtype=torch.bool, device=device)
+            zt_b = self.scale_text(txt_emb)
+
+            def prefix(drop):  # encode the B captions once, then repeat for the N candidates
+                cache = self.net.encode_prefix(text_tokens, text_mask.bool(), zt_b, drop)
+                return {k: v.repeat_interleave(n, dim=0) for k, v in cache.items()}
+
+            cond = prefix(keep_b)
+            uncond = prefix(~keep_b) if guidance_scale != 1.0 else None
         else:
-            uncond = dict(cond, drop_cond=torch.ones_like(keep))
-            model_fn, model_kwargs = classifier_free_guidance(self.net, guidance_scale, cond, uncond), None
+            net_fn = self.net
+            cond = dict(text_tokens=tok, text_mask=mask, txt_emb=zt, drop_cond=keep)
+            uncond = dict(cond, drop_cond=~keep)
+        if guidance_scale == 1.0:
+            model_fn, model_kwargs = net_fn, cond
+        else:
+            model_fn, model_kwargs = classifier_free_guidance(net_fn, guidance_scale, cond, uncond), None
         x_T = torch.randn((b * n, self.embed_dim), device=device, generator=generator)
         common = dict(steps=steps, model_kwargs=model_kwargs, generator=generator, progress=progress)
         if sampler == "ddim":

@@ -39,14 +39,24 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, S, dim); attn_mask: (B, 1, S, S) bool, True = may attend. Returns (B, S, dim)."""
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, S, dim) -> q, k, v, each (B, H, S, dim / H)."""
         b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """q: (B, H, Sq, hd), k/v: (B, H, Sk, hd), attn_mask: (B, 1, Sq, Sk) bool (True = may attend).
+        Returns (B, Sq, dim)."""
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, S, hd)
-        return self.proj(out.transpose(1, 2).reshape(b, s, d))
+        )  # (B, H, Sq, hd)
+        b, h, sq, hd = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, sq, h * hd))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, S, dim); attn_mask: (B, 1, S, S) bool, True = may attend. Returns (B, S, dim)."""
+        q, k, v = self.qkv_heads(x)
+        return self.attend(q, k, v, attn_mask)
 
 
 class Block(nn.Module):
@@ -175,30 +185,92 @@ class PriorTransformer(nn.Module):
         Returns:
             (B, D) predicted unnoised z_i (or (B, L'+4, dim) with ``return_all``).
         """
-        b, lt, _ = text_tokens.shape
-        dtype = self.text_proj.weight.dtype
-        text_mask = text_mask.bool()
-        tok = self.text_proj(text_tokens.to(dtype))                      # (B, L', dim)
-        zt = self.txt_emb_proj(txt_emb.to(dtype))                        # (B, dim)
-        if drop_cond is not None:
-            drop = drop_cond.to(device=x.device, dtype=torch.bool)
-            first = torch.arange(lt, device=x.device) == 0                # (L',)
-            # Dropped rows: one null token at position 0, every other caption position masked.
-            tok = torch.where(drop[:, None, None], self.null_text_token.to(tok.dtype), tok)
-            text_mask = torch.where(drop[:, None], first[None, :], text_mask)
-            zt = torch.where(drop[:, None], self.null_txt_emb.to(zt.dtype), zt)
-        tok = tok + self.pos_embedding_text[:lt].to(tok.dtype)
-        temb = self.time_embed(t)                                        # (B, dim)
-        xe = self.x_proj(x.to(dtype))                                    # (B, dim)
-        q = self.query.to(xe.dtype).expand(b, -1)                        # (B, dim)
-        tail = torch.stack([zt, temb.to(zt.dtype), xe, q], dim=1)        # (B, 4, dim)
-        tail = tail + self.pos_embedding_tail.to(tail.dtype)
-        h = torch.cat([tok, tail.to(tok.dtype)], dim=1)                  # (B, S, dim)
-
-        mask = self.build_mask(text_mask)
+        lt = text_tokens.shape[1]
+        prefix, prefix_mask = self._embed_prefix(text_tokens, text_mask, txt_emb, drop_cond)
+        h = torch.cat([prefix, self._embed_suffix(x, t).to(prefix.dtype)], dim=1)  # (B, S, dim)
+        mask = self.build_mask(prefix_mask[:, :lt])
         for blk in self.blocks:
             h = blk(h, mask)
         h = self.norm_out(h)
         if return_all:
             return h
         return self.out(h[:, -1])                                        # (B, D)
+
+    # ------------------------------------------------------------------ pieces shared by forward and the cache
+    def _embed_prefix(self, text_tokens, text_mask, txt_emb, drop_cond):
+        """The step-independent prefix [caption tokens, z_t] -> (B, L'+1, dim) and its key mask (B, L'+1) bool."""
+        lt = text_tokens.shape[1]
+        dtype = self.text_proj.weight.dtype
+        text_mask = text_mask.bool()
+        tok = self.text_proj(text_tokens.to(dtype))                      # (B, L', dim)
+        zt = self.txt_emb_proj(txt_emb.to(dtype))                        # (B, dim)
+        if drop_cond is not None:
+            drop = drop_cond.to(device=tok.device, dtype=torch.bool)
+            first = torch.arange(lt, device=tok.device) == 0             # (L',)
+            # Dropped rows: one null token at position 0, every other caption position masked.
+            tok = torch.where(drop[:, None, None], self.null_text_token.to(tok.dtype), tok)
+            text_mask = torch.where(drop[:, None], first[None, :], text_mask)
+            zt = torch.where(drop[:, None], self.null_txt_emb.to(zt.dtype), zt)
+        tok = tok + self.pos_embedding_text[:lt].to(tok.dtype)
+        zt = zt + self.pos_embedding_tail[0].to(zt.dtype)
+        prefix = torch.cat([tok, zt[:, None].to(tok.dtype)], dim=1)      # (B, L'+1, dim)
+        prefix_mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], 1)], dim=1)
+        return prefix, prefix_mask
+
+    def _embed_suffix(self, x, t):
+        """The step-dependent tokens [timestep embedding, noised z_i, final query] -> (B, 3, dim)."""
+        temb = self.time_embed(t)                                        # (B, dim)
+        xe = self.x_proj(x.to(self.x_proj.weight.dtype))                 # (B, dim)
+        q = self.query.to(xe.dtype).expand(x.shape[0], -1)               # (B, dim)
+        suffix = torch.stack([temb.to(xe.dtype), xe, q], dim=1)          # (B, 3, dim)
+        return suffix + self.pos_embedding_tail[1:].to(suffix.dtype)
+
+    # ------------------------------------------------------------------ sampling with a cached prefix
+    @torch.no_grad()
+    def encode_prefix(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, txt_emb: torch.Tensor,
+                      drop_cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Run the step-independent prefix [caption tokens, z_t] once and keep every layer's keys and values.
+
+        Because the mask is causal, these positions never see x_t or t, so one pass serves every sampling step
+        (the per-step cost drops from L'+4 to 3 tokens). Arguments as in :meth:`forward`.
+
+        Returns:
+            dict(prefix_k, prefix_v: (B, depth, H, L'+1, dim/H), prefix_mask: (B, L'+1) bool), the keyword
+            arguments of :meth:`forward_cached` (tensors only, so guidance wrappers can concatenate them).
+        """
+        h, prefix_mask = self._embed_prefix(text_tokens, text_mask, txt_emb, drop_cond)
+        p = h.shape[1]
+        causal = torch.ones(p, p, dtype=torch.bool, device=h.device).tril()
+        eye = torch.eye(p, dtype=torch.bool, device=h.device)
+        mask = (causal[None] & (prefix_mask[:, None, :] | eye[None]))[:, None]  # (B, 1, P, P)
+        ks, vs = [], []
+        for blk in self.blocks:
+            q, k, v = blk.attn.qkv_heads(blk.norm1(h))
+            ks.append(k)
+            vs.append(v)
+            h = h + blk.attn.attend(q, k, v, mask)
+            h = h + blk.mlp(blk.norm2(h))
+        return {"prefix_k": torch.stack(ks, 1), "prefix_v": torch.stack(vs, 1), "prefix_mask": prefix_mask}
+
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, *, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                       prefix_mask: torch.Tensor) -> torch.Tensor:
+        """Same output as :meth:`forward` (eval mode) from a cache of :meth:`encode_prefix`.
+
+        Args:
+            x: (B, D) noised z_i; t: (B,) timesteps; prefix_k/prefix_v: (B, depth, H, P, dim/H); prefix_mask: (B, P).
+        Returns:
+            (B, D) predicted unnoised z_i.
+        """
+        h = self._embed_suffix(x, t)                                     # (B, 3, dim)
+        b, p = prefix_mask.shape
+        n = h.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+        mask = torch.cat([prefix_mask.bool()[:, None, :].expand(b, n, p), causal[None].expand(b, n, n)], dim=2)
+        mask = mask[:, None]                                             # (B, 1, 3, P+3)
+        for i, blk in enumerate(self.blocks):
+            q, k, v = blk.attn.qkv_heads(blk.norm1(h))
+            k = torch.cat([prefix_k[:, i].to(k.dtype), k], dim=2)
+            v = torch.cat([prefix_v[:, i].to(v.dtype), v], dim=2)
+            h = h + blk.attn.attend(q, k, v, mask)
+            h = h + blk.mlp(blk.norm2(h))
+        return self.out(self.norm_out(h[:, -1]))                         # (B, D)
