@@ -9,9 +9,11 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from unclip_pl.train import ConfigError, run  # noqa: E402
+from unclip_pl.utils.task import job_wrapper  # noqa: E402
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@job_wrapper  # in multirun (-m) a failing job is logged and returns NaN; the other jobs go on
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)

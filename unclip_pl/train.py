@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+
+from unclip_pl.utils.checkpoint import CheckpointError, check_fits, last_checkpoint, verify_checkpoint
+from unclip_pl.utils.gitinfo import git_commit
+from unclip_pl.utils.runid import persistent_run_id
+from unclip_pl.utils.scaling import apply_lr_scaling
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +95,46 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def _check_types(node: DictConfig, what: str) -> None:
+    """Check plain values against the target's annotations (int, float, bool, str, optional/unions of them), so
+    ``data.batch_size=lots`` is reported by key instead of failing deep inside a DataLoader."""
+    from hydra._internal.utils import _locate
+
+    try:
+        target = _locate(node._target_)
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable annotations: nothing to check
+        return
+    for key, annotation in hints.items():
+        if key not in node or OmegaConf.is_missing(node, key):
+            continue
+        value = node._get_node(key)._value()
+        allowed = _plain_types(annotation)
+        if allowed is None or value is None or isinstance(value, (DictConfig,)) or OmegaConf.is_list(node[key]):
+            continue
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ConfigError(f"{what}.{key} should be {names}, got {value!r}.")
+
+
+def _plain_types(annotation: Any) -> tuple[type, ...] | None:
+    """The plain types an annotation allows, or None when it allows anything else too."""
+    plain = (int, float, bool, str, type(None))
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
+        annotation,)
+    if all(a in plain for a in args):
+        return tuple(a for a in args if a is not type(None))
+    return None
+
+
 def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """``instantiate`` with a one-line error that names the config block and the target."""
+    if isinstance(node, DictConfig) and "_target_" in node:
+        _check_types(node, what)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -151,7 +196,9 @@ def trainer_kwargs(cfg: DictConfig, stage: str) -> dict[str, Any]:
 
 def wandb_mode(requested: str) -> str:
     """``online`` needs an API key; without one fall back to ``offline`` with one message instead of failing."""
-    if requested != "online" or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+    if requested != "online":  # an explicit offline/disabled always wins
+        return requested
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
         return os.environ.get("WANDB_MODE", requested)
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
@@ -170,6 +217,8 @@ def build_loggers(cfg: DictConfig) -> list:
             node = node.copy()
             with open_dict(node):
                 node.mode = wandb_mode(node.get("mode", "online"))
+                if node.get("id") is None and node.mode != "disabled":  # same wandb run after a restart
+                    node.id = persistent_run_id(cfg.paths.output_dir)
         loggers.append(build(node, f"logger.{key}"))
     return loggers
 
@@ -197,6 +246,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.data, "data")
     datamodule.needs = tuple(scfg.needs)
+    apply_lr_scaling(cfg, scfg, getattr(datamodule, "batch_size", None) or cfg.data.get("batch_size") or 1)
     if scfg.get("image_size"):
         datamodule.image_size = int(scfg.image_size)
     if clip is not None:
@@ -212,27 +262,51 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("compile"):
         module.model = torch.compile(module.model)
 
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        check_checkpoint_fits(module, ckpt_path, f"{stage}.module")
     trainer = build_trainer(cfg, stage)
     _log_hyperparameters(trainer, cfg, stage)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` when set ("last": the run directory's last.ckpt if any), else
+    with ``resume: auto`` the run directory's last.ckpt when it exists (restart after preemption). The file is
+    opened and checked first, so a truncated or corrupt checkpoint fails here with its name."""
     ckpt = cfg.get("ckpt_path")
-    if ckpt is None:
-        return None
-    if ckpt == "last":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+    if ckpt is None or ckpt == "last":
+        if ckpt is None and cfg.get("resume", "never") != "auto":
+            return None
+        last = last_checkpoint(cfg.paths.output_dir)
+        if last is None:
+            return None
+        log.info("Resuming from %s (resume=auto; pass resume=never or another run_name to start afresh).", last)
+        ckpt = str(last)
     if not Path(ckpt).exists():
         raise ConfigError(f"ckpt_path={ckpt} does not exist.")
+    try:
+        verify_checkpoint(ckpt, load=False)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     return str(ckpt)
+
+
+def check_checkpoint_fits(module: torch.nn.Module, ckpt_path: str, what: str) -> None:
+    """Compare the checkpoint's weights with the freshly built module; list mismatched keys in a ConfigError."""
+    try:
+        ckpt = verify_checkpoint(ckpt_path)
+        if ckpt is not None:
+            check_fits(module, ckpt, ckpt_path, what)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _log_hyperparameters(trainer: pl.Trainer, cfg: DictConfig, stage: str) -> None:
     params = OmegaConf.to_container(cfg, resolve=True)
     params["stage_trained"] = stage
+    params["git_commit"] = git_commit()
     for logger in trainer.loggers:
         logger.log_hyperparams(params)
 
