@@ -1,0 +1,119 @@
+"""FID (CLIP space) maths, distributed gathering with 2 gloo ranks, CLIP score / retrieval, diversity."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from unclip_pl.metrics.clip_score import caption_retrieval, cosine_scores
+from unclip_pl.metrics.diversity import diversity_by_group, mean_pairwise_distance
+from unclip_pl.metrics.fid import (FrechetFeatureDistance, frechet_distance, frechet_distance_features,
+                                   inception_weights_status, trace_sqrt_product)
+
+
+def _feats(n, d, seed, shift=0.0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * scale + shift
+
+
+def test_fid_self_is_zero_and_different_sets_larger():
+    a = _feats(200, 16, 0)
+    assert frechet_distance_features(a, a) < 1e-8
+    b = _feats(200, 16, 1)           # same distribution, other samples
+    c = _feats(200, 16, 2, shift=1.0)  # shifted mean
+    d = _feats(200, 16, 3, scale=2.0)  # wider
+    same, shifted, wider = (frechet_distance_features(a, x) for x in (b, c, d))
+    assert 0 < same < shifted and same < wider
+    assert abs(shifted - 16.0) < 3.0  # |mu diff|^2 = 16 * 1^2 dominates
+
+
+def test_fid_rank_deficient_and_closed_form():
+    a = _feats(5, 32, 4)  # N < D: singular covariance, still finite and ~0 against itself
+    assert frechet_distance_features(a, a) < 1e-6
+    # diagonal Gaussians: d^2 = |mu|^2 + sum (s1 - s2)^2 for standard deviations s1, s2
+    s1, s2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0])
+    mu = torch.tensor([1.0, 0.0, -1.0])
+    got = frechet_distance(mu, torch.diag(s1 ** 2), torch.zeros(3), torch.diag(s2 ** 2))
+    assert abs(got - (2.0 + ((s1 - s2) ** 2).sum().item())) < 1e-9
+
+
+def test_trace_sqrt_matches_eigenvalues_of_product():
+    a, b = _feats(50, 8, 5), _feats(50, 8, 6)
+    c1, c2 = a.T.double() @ a.double() / 49, b.T.double() @ b.double() / 49
+    ev = torch.linalg.eigvals(c1 @ c2).real.clamp(min=0)
+    assert abs(float(trace_sqrt_product(c1, c2)) - float(ev.sqrt().sum())) < 1e-8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, real, fake, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metric = FrechetFeatureDistance()
+        # uneven shards: rank 0 gets the first 37 real / 11 fake rows, rank 1 the rest
+        cut_r, cut_f = 37, 11
+        metric.update(real[:cut_r] if rank == 0 else real[cut_r:], real=True)
+        metric.update(fake[:cut_f] if rank == 0 else fake[cut_f:], real=False)
+        value = metric.compute()
+        g_real, _ = metric.gathered()
+        torch.save({"fid": value, "n_real": g_real.shape[0], "same_order": bool(torch.equal(g_real, real))},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gather_equals_single_process(tmp_path):
+    real, fake = _feats(60, 8, 7), _feats(50, 8, 8, shift=0.3)
+    single = frechet_distance_features(real, fake)
+    per_rank_avg = 0.5 * (frechet_distance_features(real[:37], fake[:11])
+                          + frechet_distance_features(real[37:], fake[11:]))
+    mp.spawn(_rank_main, args=(2, _free_port(), real, fake, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["n_real"] == 60 and res["same_order"]
+        assert abs(res["fid"] - single) < 1e-6 * max(1.0, single)
+    assert abs(per_rank_avg - single) > 1e-3  # averaging per-rank FIDs would be wrong
+
+
+def test_inception_status_is_fast_and_explains(tmp_path):
+    t = time.time()
+    path, reason = inception_weights_status(tmp_path / "missing.pth")
+    assert path is None and reason
+    path, reason = inception_weights_status(None)
+    assert time.time() - t < 2.0
+    if path is None:
+        assert "Inception" in reason or "torch-fidelity" in reason
+
+
+def test_caption_retrieval_deduplicates_pool():
+    d = 8
+    e = torch.eye(d)
+    pool = ["a", "b", "a", "c", "b"]  # duplicates merge: 3 distinct captions
+    pool_emb = torch.stack([e[0], e[1], e[0], e[2], e[1]])
+    imgs = torch.stack([e[0], e[2] + 0.1 * e[1], e[1]])  # retrieve a, c, b
+    res = caption_retrieval(imgs, ["a", "c", "a"], pool, pool_emb, k=(1, 5))
+    assert res["pool_size"] == 3
+    assert res["top1"] == pytest.approx(2 / 3) and res["top5"] == 1.0
+    with pytest.raises(ValueError, match="not in the retrieval pool"):
+        caption_retrieval(imgs, ["a", "c", "zzz"], pool, pool_emb)
+    assert torch.allclose(cosine_scores(imgs[:1], e[:1]), torch.ones(1))
+
+
+def test_diversity():
+    same = torch.ones(4, 8)
+    assert mean_pairwise_distance(same) == pytest.approx(0.0, abs=1e-9)
+    e = torch.eye(4)
+    assert mean_pairwise_distance(e) == pytest.approx(1.0)  # orthogonal: 1 - cos = 1
+    feats = torch.cat([torch.ones(4, 4), e])
+    res = diversity_by_group(feats, [0] * 4 + [1] * 4)
+    assert res["groups"] == 2 and res["diversity"] == pytest.approx(0.5)
