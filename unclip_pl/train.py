@@ -267,8 +267,20 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         check_checkpoint_fits(module, ckpt_path, f"{stage}.module")
     trainer = build_trainer(cfg, stage)
     _log_hyperparameters(trainer, cfg, stage)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_wandb(trainer)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def _finish_wandb(trainer: pl.Trainer) -> None:
+    """Close this fit's wandb run: Lightning leaves it open, and the next fit in the same process (the stage after
+    a CLIP autotrain, a test) would otherwise log into it."""
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None)
+        if type(logger).__name__ == "WandbLogger" and run is not None and hasattr(run, "finish"):
+            run.finish()
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:

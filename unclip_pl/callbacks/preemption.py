@@ -125,6 +125,11 @@ class PreemptionCheckpoint(pl.Callback):
         sig = trainer.strategy.broadcast(self.received.name if self.received else "a signal on another rank")
         path = self.checkpoint_path(trainer)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        cb = trainer.checkpoint_callback
+        if cb is not None and getattr(cb, "save_last", False):
+            # As ModelCheckpoint does for its own last.ckpt: part of the saved state, so after the restart it
+            # keeps writing last.ckpt (not last-v1.ckpt).
+            cb.last_model_path = path
         trainer.save_checkpoint(path)
         self.saved_path = path
         trainer.should_stop = True
