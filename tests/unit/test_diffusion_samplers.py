@@ -1,0 +1,190 @@
+"""Sampler and guidance tests with analytic denoisers (an oracle for one data point, exact Gaussian-data model)."""
+import math
+
+import pytest
+import torch
+
+from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, ddim_invert, get_betas, sample_ddim,
+                                 sample_ddpm, sample_dpmpp_2m, space_timesteps)
+
+TARGETS = ["eps", "x0", "v"]
+SHAPE = (3, 2, 4, 4)
+
+
+def as_target(diffusion, x, t, x0, target):
+    eps = diffusion.eps_from_x0(x, t, x0)
+    return {"x0": x0, "eps": eps, "v": diffusion.v_from_x0_eps(x0, eps, t)}[target]
+
+
+def point_oracle(diffusion, x0_point, target):
+    """Exact denoiser for data that always equals x0_point (1, ...); t in ORIGINAL indices of `diffusion`."""
+    def model_fn(x, t, **kwargs):
+        return as_target(diffusion, x, t, x0_point.to(x.dtype).expand_as(x), target)
+    return model_fn
+
+
+def gaussian_oracle(diffusion, mu, std, target):
+    """Exact denoiser for data ~ N(mu, std^2 I): E[x0 | x_t] = mu + a std^2 / (a^2 std^2 + s^2) (x_t - a mu)."""
+    def model_fn(x, t, **kwargs):
+        abar = diffusion.gather("abar", t, x)
+        a = abar.sqrt()
+        x0 = mu + a * std ** 2 / (abar * std ** 2 + 1 - abar) * (x - a * mu)
+        return as_target(diffusion, x, t, x0, target)
+    return model_fn
+
+
+def gaussian_flow(x, abar_from, abar_to, mu, std):
+    """Exact probability-flow ODE map for N(mu, std^2) data: the standardised value is constant along the flow."""
+    z = (x - math.sqrt(abar_from) * mu) / math.sqrt(abar_from * std ** 2 + 1 - abar_from)
+    return math.sqrt(abar_to) * mu + math.sqrt(abar_to * std ** 2 + 1 - abar_to) * z
+
+
+SAMPLERS = {
+    "ddpm": lambda d, f, x, **kw: sample_ddpm(d, f, x, **kw),
+    "ddim0": lambda d, f, x, **kw: sample_ddim(d, f, x, eta=0.0, **kw),
+    "ddim1": lambda d, f, x, **kw: sample_ddim(d, f, x, eta=1.0, **kw),
+    "dpmpp_2m": lambda d, f, x, **kw: sample_dpmpp_2m(d, f, x, **kw),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("steps", [None, 20])
+def test_point_oracle_recovers_x0(sampler, target, steps):
+    d = GaussianDiffusion(get_betas("cosine", 1000), target=target)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(1, *SHAPE[1:], generator=g) * 2 - 1
+    model = point_oracle(d, x0, target)
+    xs = []
+    out = SAMPLERS[sampler](d, model, SHAPE, steps=steps, generator=g, callback=lambda i, x, p: xs.append(i))
+    assert out.shape == SHAPE and out.dtype == torch.float32
+    assert torch.allclose(out, x0.expand(SHAPE), atol=1e-3), (out - x0).abs().max()
+    assert xs == list(range(steps or 1000))[::-1]
+
+
+def test_ddpm_gives_data_statistics():
+    """Gaussian data + exact denoiser over 50 respaced steps: the means are right; the fixed small (posterior)
+    variance under-disperses and the large (beta) variance over-disperses (Improved DDPM, section 3.1)."""
+    mu, std = 0.5, 0.3
+    stds = {}
+    for fixed_var in ("small", "large"):
+        d = GaussianDiffusion(get_betas("cosine", 1000), target="eps", fixed_var=fixed_var)
+        out = sample_ddpm(d, gaussian_oracle(d, mu, std, "eps"), (2000, 4), steps=50,
+                          generator=torch.Generator().manual_seed(0))
+        assert out.mean().item() == pytest.approx(mu, abs=0.01)
+        stds[fixed_var] = out.std().item()
+    assert 0.85 * std < stds["small"] < 0.95 * std and 1.01 * std < stds["large"] < 1.07 * std, stds
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="x0")
+    ddim = sample_ddim(d, gaussian_oracle(d, mu, std, "x0"), (2000, 4), steps=50, eta=1.0,
+                       generator=torch.Generator().manual_seed(1))
+    assert ddim.std().item() == pytest.approx(stds["small"], rel=0.03)       # eta = 1 is DDPM (small)
+
+
+def test_ddim_eta0_is_deterministic():
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="v")
+    model = gaussian_oracle(d, 0.2, 0.5, "v")
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    a = sample_ddim(d, model, x_T, steps=25, generator=torch.Generator().manual_seed(2))
+    b = sample_ddim(d, model, x_T.clone(), steps=25, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    c = sample_ddim(d, model, x_T.clone(), steps=25, generator=torch.Generator().manual_seed(3), eta=1.0)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ddim_invert_then_sample_recovers_x0(target):
+    mu, std = 0.3, 0.5
+    d = GaussianDiffusion(get_betas("cosine", 1000), target=target)
+    model = gaussian_oracle(d, mu, std, target)
+    x0 = mu + std * torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact_T = gaussian_flow(x0, 1.0, d.alphas_cumprod[-1].item(), mu, std)
+    errors = []
+    for steps in (50, 250):
+        x_T = ddim_invert(d, model, x0, steps=steps)
+        back = sample_ddim(d, model, x_T, steps=steps)
+        errors.append(((x_T - exact_T).abs().max().item(), (back - x0).abs().max().item()))
+    assert errors[1][0] < 0.03 and errors[1][1] < 0.03, errors      # x0 spans about +-1.5
+    assert errors[1][0] < errors[0][0] / 4 and errors[1][1] < errors[0][1] / 4, errors   # first-order convergence
+
+
+def test_dpmpp_2m_solves_the_ode_better_than_ddim():
+    mu, std = 0.3, 0.5
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="eps")
+    model = gaussian_oracle(d, mu, std, "eps")
+    x_T = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = gaussian_flow(x_T, d.alphas_cumprod[-1].item(), 1.0, mu, std)
+    err_dpm = (sample_dpmpp_2m(d, model, x_T, steps=20) - exact).abs().max().item()
+    err_ddim = (sample_ddim(d, model, x_T, steps=20) - exact).abs().max().item()
+    assert err_dpm < 0.02 and err_dpm < err_ddim / 5, (err_dpm, err_ddim)
+
+
+def test_sampler_model_calls_use_original_timesteps():
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="x0")
+    seen = []
+
+    def model_fn(x, t, emb=None):
+        assert emb == "cond"
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    sample_dpmpp_2m(d, model_fn, (2, 3), steps=12, model_kwargs={"emb": "cond"})
+    assert seen == space_timesteps(1000, 12)[::-1]
+
+
+def test_denoised_fn_and_clip_applied():
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="x0")
+    model = lambda x, t: torch.full_like(x, 3.0)
+    out = sample_ddim(d, model, (2, 3), steps=5, clip_denoised=True)
+    assert torch.allclose(out, torch.ones(2, 3))
+    out = sample_dpmpp_2m(d, model, (2, 3), steps=5, denoised_fn=lambda x0: x0 * 0 - 0.5)
+    assert torch.allclose(out, torch.full((2, 3), -0.5))
+
+
+# ---------------------------------------------------------------- guidance
+class CountingModel:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, t, emb, scale_by=1.0):
+        self.calls += 1
+        out = x * scale_by + emb[:, :, None] + t[:, None, None].float()
+        return torch.cat([out, -out], dim=1)            # "variance" channels = second half
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.5])
+def test_classifier_free_guidance(scale):
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 2, 5), torch.randint(0, 1000, (4,))
+    c, u = torch.randn(4, 2), torch.zeros(4, 2)
+    model = CountingModel()
+    out_c, out_u = model(x, t, c, 2.0), model(x, t, u, 2.0)
+    model.calls = 0
+    guided = classifier_free_guidance(model, scale, {"emb": c}, {"emb": u}, split_channels=2)
+    out = guided(x, t, scale_by=2.0)
+    assert model.calls == 1
+    expect = out_u + scale * (out_c - out_u)
+    assert torch.allclose(out[:, :2], expect[:, :2], atol=1e-5)
+    assert torch.allclose(out[:, 2:], out_c[:, 2:])                 # variance from the cond branch
+    if scale == 1:
+        assert torch.equal(out, out_c)
+    if scale == 0:
+        assert torch.allclose(out[:, :2], out_u[:, :2])
+
+
+def test_guidance_rejects_mismatched_kwargs():
+    model = CountingModel()
+    x, t = torch.randn(2, 2, 3), torch.zeros(2, dtype=torch.int64)
+    e = torch.zeros(2, 2)
+    with pytest.raises(ValueError):
+        classifier_free_guidance(model, 2.0, {"emb": e, "scale_by": 1.0}, {"emb": e, "scale_by": 2.0})(x, t)
+    with pytest.raises(ValueError):
+        classifier_free_guidance(model, 2.0, {"emb": e}, {"emb": e, "scale_by": 2.0})
+
+
+def test_guided_sampling_runs_with_sampler():
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="eps")
+    model = CountingModel()
+    guided = classifier_free_guidance(lambda x, t, emb: model(x, t, emb)[:, :2], 4.0,
+                                      {"emb": torch.ones(2, 2)}, {"emb": torch.zeros(2, 2)})
+    out = sample_ddim(d, guided, (2, 2, 3), steps=7, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 2, 3) and torch.isfinite(out).all() and model.calls == 7

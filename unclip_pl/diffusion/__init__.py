@@ -1,0 +1,11 @@
+"""Diffusion maths shared by the prior, decoder and upsamplers: no parameters, no Lightning/Hydra."""
+from .gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .guidance import classifier_free_guidance
+from .respace import space_timesteps
+from .samplers import ddim_invert, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from .schedule import get_betas
+
+__all__ = [
+    "GaussianDiffusion", "classifier_free_guidance", "ddim_invert", "discretized_gaussian_log_likelihood",
+    "get_betas", "mean_flat", "normal_kl", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "space_timesteps",
+]
