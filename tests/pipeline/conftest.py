@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+if str(ROOT) not in sys.path:  # sample.py / eval.py live at the repository root
+    sys.path.insert(0, str(ROOT))
 
 D, W, IMG, UP = 16, 32, 16, 32
 SAMPLE_STEPS = 3
@@ -90,6 +97,24 @@ def write_lightning_ckpt(path: Path, cfg: dict, model: torch.nn.Module, ema_mode
     return path
 
 
+def compose(overrides: list[str], output_dir: Path | str, config_name: str):
+    """Compose a real entry config (``sample`` / ``eval``) as the script would, run dir = ``output_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
 def build(model_cfg: dict):
     from hydra.utils import instantiate
 
@@ -136,4 +161,14 @@ def tiny_pipeline(tiny):
     from unclip_pl.pipeline import UnCLIPPipeline
 
     return UnCLIPPipeline.from_checkpoints(clip=tiny["clip"], prior=str(tiny["prior"]), decoder=str(tiny["decoder"]),
-                                           upsamplers=[str(tiny["upsampler"])], device="cpu")
+                                           upsamplers=[str(tiny["upsampler"])], device="cpu",
+                                           settings={"decoder": {"invert_steps": SAMPLE_STEPS}})
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """Tiny convolutions are many times slower with 2 threads on a busy 2-core machine (thread contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

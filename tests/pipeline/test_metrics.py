@@ -2,13 +2,16 @@
 
 import os
 import socket
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from unclip_pl.metrics.clip_score import caption_retrieval, cosine_scores
+from .dist_worker import rank_main as _rank_main
 from unclip_pl.metrics.diversity import diversity_by_group, mean_pairwise_distance
 from unclip_pl.metrics.fid import (FrechetFeatureDistance, frechet_distance, frechet_distance_features,
                                    inception_weights_status, trace_sqrt_product)
@@ -53,30 +56,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, real, fake, out_dir):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        metric = FrechetFeatureDistance()
-        # uneven shards: rank 0 gets the first 37 real / 11 fake rows, rank 1 the rest
-        cut_r, cut_f = 37, 11
-        metric.update(real[:cut_r] if rank == 0 else real[cut_r:], real=True)
-        metric.update(fake[:cut_f] if rank == 0 else fake[cut_f:], real=False)
-        value = metric.compute()
-        g_real, _ = metric.gathered()
-        torch.save({"fid": value, "n_real": g_real.shape[0], "same_order": bool(torch.equal(g_real, real))},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_distributed_gather_equals_single_process(tmp_path):
     real, fake = _feats(60, 8, 7), _feats(50, 8, 8, shift=0.3)
     single = frechet_distance_features(real, fake)
     per_rank_avg = 0.5 * (frechet_distance_features(real[:37], fake[:11])
                           + frechet_distance_features(real[37:], fake[11:]))
+    tests_dir = str(Path(__file__).resolve().parents[1])  # the children import this module as pipeline.test_metrics
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
     mp.spawn(_rank_main, args=(2, _free_port(), real, fake, str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = torch.load(tmp_path / f"rank{r}.pt")

@@ -1,0 +1,123 @@
+"""Every sample.py mode runs on tiny random-weight checkpoints and writes a PNG grid of the expected size + JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from .conftest import IMG, ROOT, UP, compose
+
+import sample  # noqa: E402  (repository root, put on sys.path by conftest)
+
+
+def grid_size(n: int, nrow: int, side: int, pad: int = 2) -> tuple[int, int]:
+    """(width, height) of torchvision's make_grid for n images of side x side."""
+    cols = min(nrow, n)
+    rows = -(-n // nrow)
+    return cols * (side + pad) + pad, rows * (side + pad) + pad
+
+
+def random_png(path: Path, w: int = 40, h: int = 30, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def run_mode(tmp_path, pipe, overrides):
+    cfg = compose(["checkpoints.decoder=unused", *overrides], tmp_path, config_name="sample")
+    rec = sample.run(cfg, pipe=pipe)
+    png, js = Path(rec["png"]), Path(rec["json"])
+    assert png.parent == tmp_path and png.is_file() and js.is_file()
+    saved = json.loads(js.read_text())
+    assert saved["mode"] == cfg.mode and "settings" in saved and "checkpoints" in saved
+    return Image.open(png).size, saved
+
+
+def test_text(tmp_path, tiny_pipeline):
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=text", "prompt=[red heart,blue car]", "n=2", "seed=5"])
+    assert size == grid_size(4, 2, UP)
+    assert rec["seeds"] == [5, 6, 7, 8] and rec["captions"] == ["red heart", "blue car"]
+    assert rec["settings"]["decoder"]["steps"] == 3 and rec["checkpoints"]["decoder"].endswith("decoder.ckpt")
+
+
+def test_text_from_file_no_prior(tmp_path, tiny_pipeline):
+    f = tmp_path / "prompts.txt"
+    f.write_text("smiling face\n\ngreen tree\n")
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=text", f"prompts_file={f}", "n=1", "use_prior=false"])
+    assert size == grid_size(2, 1, UP) and rec["use_prior"] is False
+
+
+def test_variations_inverted(tmp_path, tiny_pipeline):
+    img = random_png(tmp_path / "in.png")
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=variations", f"image={img}", "n=2", "invert=true"])
+    assert size == grid_size(3, 3, UP) and rec["invert"] is True and rec["eta"] == 0.5
+
+
+def test_interpolate_generated_inputs(tmp_path, tiny_pipeline):
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=interpolate", "prompt=[cat,dog]", "k=3"])
+    assert size == grid_size(5, 5, UP) and rec["image"]["generated_from"] == "cat"
+
+
+def test_textdiff(tmp_path, tiny_pipeline):
+    img = random_png(tmp_path / "in.png", seed=1)
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=textdiff", f"image={img}", "caption=cat face",
+                                                   "new_caption=dog face", "thetas=[0,0.25,0.5]"])
+    assert size == grid_size(4, 4, UP) and rec["thetas"] == [0.0, 0.25, 0.5]
+
+
+def test_conditioning(tmp_path, tiny_pipeline):
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=conditioning", "prompt=[sun,moon]"])
+    assert size == grid_size(6, 2, UP) and rec["rows"] == ["zero", "text_emb", "prior"]
+
+
+def test_guidance(tmp_path, tiny_pipeline):
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=guidance", "prompt=star", "n=2", "scales=[1,4]"])
+    assert size == grid_size(4, 2, UP) and rec["scales"] == [1.0, 4.0]
+
+
+def test_probe(tmp_path, tiny_pipeline):
+    img = random_png(tmp_path / "in.png", seed=2)
+    size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=probe", f"image={img}", "labels=[an apple,an iPod]",
+                                                   "n=2"])
+    assert size == grid_size(3, 3, UP)
+    assert abs(sum(rec["probs"].values()) - 1.0) < 1e-4 and rec["top_label"] in ("an apple", "an iPod")
+
+
+def test_usage_errors(tmp_path, tiny_pipeline):
+    cfg = compose(["checkpoints.decoder=unused", "mode=textdiff"], tmp_path, config_name="sample")
+    with pytest.raises(sample.SampleError, match="caption"):
+        sample.run(cfg, pipe=tiny_pipeline)
+    cfg = compose(["checkpoints.decoder=unused", "mode=nope"], tmp_path, config_name="sample")
+    with pytest.raises(sample.SampleError, match="not a mode"):
+        sample.run(cfg, pipe=tiny_pipeline)
+
+
+def test_from_checkpoint_paths_clip_text_decoder(tmp_path, tiny):
+    """Built from the config alone: the CLIP comes from the decoder checkpoint; a CLIP-states decoder, no upsampler."""
+    size, rec = run_mode(tmp_path, None, ["mode=text", "prompt=[a,b,c]", "n=1", "device=cpu",
+                                          f"checkpoints.decoder={tiny['decoder_clip']}", "use_prior=false",
+                                          "settings.decoder.steps=2"])
+    assert size == grid_size(3, 1, IMG) and rec["settings"]["decoder"]["steps"] == 2
+
+
+def test_deterministic_seeds(tiny_pipeline):
+    a = tiny_pipeline.text_to_image(["x", "y"], 1, seeds=[3, 4])
+    b = tiny_pipeline.text_to_image(["x", "y"], 1, seeds=[3, 4])
+    assert torch.equal(a, b)
+    z = tiny_pipeline.embed_texts(["x"]).expand(2, -1)
+    same_seed = tiny_pipeline.decode(z, ["x", "x"], seeds=[1, 1])
+    assert torch.allclose(same_seed[0], same_seed[1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sample_cli(tmp_path, tiny):
+    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), "mode=text", "prompt=heart", "n=2", "device=cpu",
+                          f"checkpoints.decoder={tiny['decoder']}", f"checkpoints.prior={tiny['prior']}",
+                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "text.png").is_file() and (tmp_path / "text.json").is_file()

@@ -1,0 +1,470 @@
+"""The unCLIP inference pipeline: frozen CLIP -> prior -> decoder -> upsamplers (no training code).
+
+Every method takes and returns images as float tensors (B, 3, H, W) in [-1, 1] and embeddings as unit-norm (B, D).
+
+Seeding: the decoder's and each upsampler's starting noise is drawn per image from its seed (image i depends only on
+seeds[i], so a row with one repeated seed shares its noise); the prior draws its candidates for a whole call from one
+generator seeded with the call's first seed; stochastic steps (DDPM, DDIM with eta > 0) draw from a generator seeded
+the same way. Identical calls give identical images.
+
+Decoder caption input: token ids from ``clip.tokenize`` through the decoder's own text encoder, or the frozen CLIP's
+per-token states when the decoder has none (``text_source="clip"``). A caption of ``None`` means "no caption": the
+states are masked out exactly as the caption dropout does in training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip_pl.interp import slerp_path, text_diff_path
+
+log = logging.getLogger(__name__)
+
+Captions = Sequence[str | None]
+
+
+# ----------------------------------------------------------------------------------------------------------- settings
+@dataclass
+class PriorSettings:
+    """Diffusion prior sampling (paper: 64 steps, best of 2 by the dot product with z_t)."""
+    steps: Any = 64
+    sampler: str = "ddim"
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    best_of: int = 2
+
+
+@dataclass
+class DecoderSettings:
+    """Decoder sampling (paper: 250 strided steps; DDIM with far fewer is fine). ``invert_steps``: DDIM inversion
+    steps for variations from the image's inversion; ``variation_eta``: the eta used then (paper: eta > 0)."""
+    steps: Any = 50
+    sampler: str = "ddim"
+    eta: float = 0.0
+    guidance_scale: float = 3.0
+    invert_steps: Any = 50
+    variation_eta: float = 0.5
+
+
+@dataclass
+class UpsamplerSettings:
+    """Upsampler sampling (paper: DDIM 27 and 15 steps)."""
+    steps: Any = 27
+    sampler: str = "ddim"
+    eta: float = 0.0
+
+
+@dataclass
+class PipelineSettings:
+    prior: PriorSettings = field(default_factory=PriorSettings)
+    decoder: DecoderSettings = field(default_factory=DecoderSettings)
+    #: one entry per upsampler; missing entries use the last one (or the defaults)
+    upsamplers: list[UpsamplerSettings] = field(default_factory=list)
+    #: images per decoder/upsampler forward batch
+    batch_size: int = 16
+    progress: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "PipelineSettings":
+        """Build from a plain dict / DictConfig (unknown keys raise, naming them)."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            from omegaconf import OmegaConf
+
+            d = OmegaConf.to_container(d, resolve=True)
+        d = dict(d)
+
+        def make(kind, value):
+            value = dict(value or {})
+            names = {f.name for f in fields(kind)}
+            bad = sorted(set(value) - names)
+            if bad:
+                raise ValueError(f"unknown {kind.__name__} key(s) {bad}; valid: {sorted(names)}")
+            return kind(**value)
+
+        out = cls(prior=make(PriorSettings, d.pop("prior", None)),
+                  decoder=make(DecoderSettings, d.pop("decoder", None)),
+                  upsamplers=[make(UpsamplerSettings, u) for u in (d.pop("upsamplers", None) or [])])
+        for key in ("batch_size", "progress"):
+            if key in d:
+                setattr(out, key, d.pop(key))
+        if d:
+            raise ValueError(f"unknown pipeline setting(s) {sorted(d)}")
+        return out
+
+    def upsampler(self, i: int) -> UpsamplerSettings:
+        if not self.upsamplers:
+            return UpsamplerSettings()
+        return self.upsamplers[min(i, len(self.upsamplers) - 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def _as_batch(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) or (B, 3, H, W) -> (B, 3, H, W) float."""
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"expected an image (3, H, W) or batch (B, 3, H, W), got {tuple(image.shape)}")
+    return image.float()
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size) (antialiased bicubic, clamped to [-1, 1]); identity at that size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
+                         align_corners=False).clamp(-1, 1)
+
+
+def default_seeds(n: int, start: int = 0) -> list[int]:
+    return [start + i for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------- pipeline
+class UnCLIPPipeline:
+    """Frozen CLIP + (optional) prior + decoder + upsamplers, each with its own sampler settings.
+
+    Args:
+        clip: ``FrozenCLIP``.
+        prior: ``DiffusionPrior`` (any object with the same ``sample`` signature), or None (text_to_image then needs
+            ``use_prior=False``: the CLIP text embedding stands in for the image embedding).
+        decoder: ``Decoder``.
+        upsamplers: ``Upsampler`` objects, run in order.
+        settings: ``PipelineSettings`` (or a dict of it).
+        device: where to run (default: the decoder's device).
+    """
+
+    def __init__(self, clip: nn.Module, prior: nn.Module | None, decoder: nn.Module,
+                 upsamplers: Sequence[nn.Module] = (), settings: PipelineSettings | dict | None = None,
+                 device: str | torch.device | None = None):
+        self.clip = clip
+        self.prior = prior
+        self.decoder = decoder
+        self.upsamplers = list(upsamplers)
+        self.settings = settings if isinstance(settings, PipelineSettings) else PipelineSettings.from_dict(settings)
+        self.sources: dict[str, Any] = {}  # checkpoint paths (filled by from_checkpoints)
+        clip_dim = getattr(decoder, "clip_dim", None)
+        if clip_dim is not None and int(clip_dim) != int(clip.embed_dim):
+            raise ValueError(f"the decoder expects CLIP embeddings of width {clip_dim} but the CLIP has "
+                             f"{clip.embed_dim}: use the CLIP the decoder was trained with")
+        if prior is not None and getattr(prior, "embed_dim", clip.embed_dim) != clip.embed_dim:
+            raise ValueError(f"the prior makes embeddings of width {prior.embed_dim} but the CLIP has "
+                             f"{clip.embed_dim}")
+        if device is None:
+            device = next(iter(decoder.parameters())).device
+        self.to(device)
+
+    # ------------------------------------------------------------------ construction
+    def to(self, device: str | torch.device) -> "UnCLIPPipeline":
+        self.device = torch.device(device)
+        for m in [self.clip, self.prior, self.decoder, *self.upsamplers]:
+            if m is not None:
+                m.to(self.device).eval()
+        return self
+
+    @classmethod
+    def from_checkpoints(cls, clip: Any = None, prior: str | None = None, decoder: str | None = None,
+                         upsamplers: Sequence[str] = (), settings: PipelineSettings | dict | None = None,
+                         which: str = "ema", device: str | torch.device = "cpu") -> "UnCLIPPipeline":
+        """Load each stage from a Lightning checkpoint or an exported weights file (``unclip_pl.checkpoint_io``).
+
+        ``clip``: a FrozenCLIP, a ``clip.loader`` config (dict with ``_target_``), or None for the loader stored in
+        the decoder's checkpoint (the CLIP the decoder was trained with).
+        """
+        from unclip_pl.checkpoint_io import load_stage
+
+        if decoder is None:
+            raise ValueError("a decoder checkpoint is required")
+        dec = load_stage(decoder, which=which)
+        pri = load_stage(prior, which=which) if prior else None
+        ups = [load_stage(p, which=which) for p in (upsamplers or [])]
+        for name, m in [("decoder", dec), ("prior", pri)] + [(f"upsampler {i}", u) for i, u in enumerate(ups)]:
+            want = "upsampler" if name.startswith("upsampler") else name
+            if m is not None and m.stage_name != want:
+                raise ValueError(f"{m.source_path} is a {m.stage_name} checkpoint, given as the {name}")
+        clip_model = load_pipeline_clip(clip, dec)
+        if not isinstance(settings, PipelineSettings):
+            settings = settings_with_stage_defaults(settings, pri, dec, ups)
+        pipe = cls(clip_model, pri, dec, ups, settings, device=device)
+        pipe.sources = {"prior": prior, "decoder": decoder, "upsamplers": list(upsamplers or []), "which": which,
+                        "clip": getattr(clip_model, "model_name", None),
+                        "clip_fingerprint": getattr(clip_model, "fingerprint", None)}
+        return pipe
+
+    @property
+    def image_size(self) -> int:
+        """Side of the final images (after every upsampler)."""
+        size = int(self.decoder.image_size)
+        for up in self.upsamplers:
+            size = int(up.image_size)
+        return size
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    # ------------------------------------------------------------------ CLIP
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]):
+        """captions -> ``TextEncoding`` (emb (B, D), tokens (B, L', W), mask (B, L'))."""
+        return self.clip.encode_text(self.clip.tokenize(list(captions)).to(self.device))
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) or (3, H, W) in [-1, 1] -> (B, D) unit-norm CLIP image embeddings."""
+        return self.clip.encode_image(_as_batch(images).to(self.device)).float()
+
+    @torch.no_grad()
+    def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        """captions -> (B, D) unit-norm CLIP text embeddings."""
+        return self.encode_text(captions).emb.float()
+
+    # ------------------------------------------------------------------ prior
+    @torch.no_grad()
+    def prior_embeddings(self, captions: Sequence[str], seed: int = 0) -> torch.Tensor:
+        """Sample z_i for each caption with the prior: (B, D) unit norm."""
+        if self.prior is None:
+            raise ValueError("this pipeline has no prior: give a prior checkpoint, or use the CLIP text embedding "
+                             "(use_prior=False)")
+        s = self.settings.prior
+        enc = self.encode_text(captions)
+        out = []
+        bs = max(1, self.settings.batch_size)
+        gen = self._generator(seed)
+        for i in range(0, len(captions), bs):
+            sl = slice(i, i + bs)
+            out.append(self.prior.sample(enc.emb[sl], enc.tokens[sl], enc.mask[sl], steps=s.steps, sampler=s.sampler,
+                                         eta=s.eta, guidance_scale=s.guidance_scale, best_of=s.best_of,
+                                         generator=gen).float())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ decoder
+    @torch.no_grad()
+    def _caption_states(self, captions: Captions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder context for captions (None = no caption): (states (B, S, C), mask (B, S) bool)."""
+        texts = [c if c is not None else "" for c in captions]
+        tokens = self.clip.tokenize(texts).to(self.device)
+        if getattr(self.decoder, "text_encoder", None) is not None:
+            states, mask = self.decoder.encode_text(tokens)
+        else:
+            enc = self.clip.encode_text(tokens)
+            states, mask = enc.tokens.float(), enc.mask
+        keep = torch.tensor([c is not None for c in captions], dtype=torch.bool, device=self.device)
+        return states, mask.bool() & keep[:, None]
+
+    @torch.no_grad()
+    def decode(self, z_i: torch.Tensor, captions: Captions | None = None, seeds: Sequence[int] | None = None,
+               x_T: torch.Tensor | None = None, guidance_scale: float | None = None, eta: float | None = None,
+               upsample: bool = True) -> torch.Tensor:
+        """Decode image embeddings, then run the upsamplers.
+
+        Args:
+            z_i: (B, D) CLIP image embeddings (any norm; used as given).
+            captions: B captions (None entries, or None for all: no caption).
+            seeds: B per-image seeds of the starting noise (default 0..B-1); ignored where ``x_T`` is given.
+            x_T: optional (B, 3, S, S) starting noise of the decoder (e.g. a DDIM inversion).
+            guidance_scale / eta: override the decoder settings for this call.
+        Returns:
+            (B, 3, S', S') in [-1, 1], S' = :attr:`image_size` when ``upsample`` else the decoder's size.
+        """
+        z_i = z_i.to(self.device).float()
+        b = z_i.shape[0]
+        captions = list(captions) if captions is not None else [None] * b
+        if len(captions) != b:
+            raise ValueError(f"{b} embeddings but {len(captions)} captions")
+        seeds = list(seeds) if seeds is not None else default_seeds(b)
+        if len(seeds) != b:
+            raise ValueError(f"{b} embeddings but {len(seeds)} seeds")
+        s = self.settings.decoder
+        bs = max(1, self.settings.batch_size)
+        out = []
+        for i in range(0, b, bs):
+            sl = slice(i, i + bs)
+            text = self._caption_states(captions[sl])
+            kwargs = dict(text=text, steps=s.steps, sampler=s.sampler, eta=s.eta if eta is None else eta,
+                          guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
+                          generator=self._generator(seeds[i]), progress=self.settings.progress)
+            if x_T is not None:
+                kwargs["x_T"] = x_T[sl].to(self.device)
+            else:
+                kwargs["seeds"] = seeds[sl]
+            out.append(self.decoder.sample(z_i[sl], **kwargs).float())
+        images = torch.cat(out)
+        return self.upsample(images, seeds) if upsample else images
+
+    @torch.no_grad()
+    def upsample(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Run every upsampler in order: (B, 3, s, s) -> (B, 3, S, S). Each upsampler's input is first resized to
+        its ``low_res_size`` when it differs; its noise uses seeds offset by 1000 * (stage + 1)."""
+        seeds = list(seeds) if seeds is not None else default_seeds(images.shape[0])
+        bs = max(1, self.settings.batch_size)
+        for j, up in enumerate(self.upsamplers):
+            s = self.settings.upsampler(j)
+            low = resize_images(images, int(up.low_res_size))
+            stage_seeds = [int(x) + 1000 * (j + 1) for x in seeds]
+            parts = []
+            for i in range(0, low.shape[0], bs):
+                parts.append(up.sample(low[i:i + bs], steps=s.steps, sampler=s.sampler, eta=s.eta,
+                                       generator=self._generator(stage_seeds[i]), seeds=stage_seeds[i:i + bs],
+                                       progress=self.settings.progress).float())
+            images = torch.cat(parts)
+        return images
+
+    # ------------------------------------------------------------------ modes
+    @torch.no_grad()
+    def text_to_image(self, captions: Sequence[str], n_per_caption: int = 1, seeds: Sequence[int] | None = None,
+                      use_prior: bool = True, return_embeddings: bool = False):
+        """Captions -> images, ``n_per_caption`` each, grouped by caption: (len(captions) * n, 3, S, S).
+
+        ``use_prior=False``: the CLIP text embedding is used as the image embedding (the paper's "no prior"
+        baseline). ``seeds``: one per output image (default 0..N-1). With ``return_embeddings`` returns
+        (images, z_i (N, D)).
+        """
+        rep = [c for c in captions for _ in range(n_per_caption)]
+        seeds = list(seeds) if seeds is not None else default_seeds(len(rep))
+        if len(seeds) != len(rep):
+            raise ValueError(f"{len(rep)} images requested but {len(seeds)} seeds given")
+        if use_prior:
+            z_i = self.prior_embeddings(rep, seed=seeds[0] if seeds else 0)
+        else:
+            z_i = self.embed_texts(rep)
+        images = self.decode(z_i, rep, seeds)
+        return (images, z_i) if return_embeddings else images
+
+    @torch.no_grad()
+    def variations(self, image: torch.Tensor, n: int = 4, invert: bool = False, eta: float | None = None,
+                   seeds: Sequence[int] | None = None, caption: str | None = None) -> torch.Tensor:
+        """n decodes of one image's CLIP embedding: (n, 3, S, S).
+
+        ``invert=True`` (the paper's variations): start every sample from the image's DDIM inversion under the
+        decoder and sample with ``eta`` (default ``settings.decoder.variation_eta`` > 0) so samples differ but keep
+        more of the input; otherwise fresh noise per seed with the decoder's own eta.
+        """
+        image = _as_batch(image)[:1].to(self.device)
+        z = self.embed_images(image).expand(n, -1)
+        seeds = list(seeds) if seeds is not None else default_seeds(n)
+        captions = [caption] * n
+        if not invert:
+            return self.decode(z, captions, seeds, eta=eta)
+        s = self.settings.decoder
+        x0 = resize_images(image, int(self.decoder.image_size))
+        text = self._caption_states([caption])
+        x_T = self.decoder.invert(x0, z[:1], text=text, steps=s.invert_steps, guidance_scale=1.0)
+        if s.steps != s.invert_steps:
+            log.warning("variations: inverted with %s steps but sampling with %s (use the same for a faithful "
+                        "reconstruction at eta=0)", s.invert_steps, s.steps)
+        return self.decode(z, captions, seeds, x_T=x_T.expand(n, -1, -1, -1),
+                           eta=s.variation_eta if eta is None else eta)
+
+    @torch.no_grad()
+    def interpolate(self, img_a: torch.Tensor, img_b: torch.Tensor, k: int = 8, seed: int = 0,
+                    caption: str | None = None) -> torch.Tensor:
+        """Decode slerp(z_a, z_b, t) for k evenly spaced t in [0, 1], one fixed decoder seed: (k, 3, S, S)."""
+        z = torch.cat([self.embed_images(img_a)[:1], self.embed_images(img_b)[:1]])
+        path = slerp_path(z[0], z[1], k)  # (k, D)
+        return self.decode(path, [caption] * k, [seed] * k)
+
+    @torch.no_grad()
+    def text_diff(self, image: torch.Tensor, caption: str, new_caption: str,
+                  thetas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), seed: int = 0,
+                  decode_caption: str | None = None) -> torch.Tensor:
+        """Decode slerp(z_i, normalise(z_t_new - z_t_old), theta) for each theta, one fixed seed: (T, 3, S, S).
+
+        ``decode_caption``: caption given to the decoder (default none: the edit comes from the embedding only)."""
+        z_i = self.embed_images(image)[0]
+        z_t = self.embed_texts([caption, new_caption])
+        path = text_diff_path(z_i, z_t[0], z_t[1], thetas)  # (T, D)
+        return self.decode(path, [decode_caption] * len(thetas), [seed] * len(thetas))
+
+    @torch.no_grad()
+    def conditioning_ablation(self, captions: Sequence[str], seeds: Sequence[int] | None = None
+                              ) -> dict[str, torch.Tensor]:
+        """Paper figure 7, the same decoder and seeds, captions given to the decoder in every row:
+        ``zero``: a zero CLIP embedding; ``text_emb``: the CLIP text embedding as the image embedding;
+        ``prior``: a prior-sampled image embedding (when there is a prior). Each (B, 3, S, S)."""
+        captions = list(captions)
+        seeds = list(seeds) if seeds is not None else default_seeds(len(captions))
+        z_t = self.embed_texts(captions)
+        rows = {"zero": self.decode(torch.zeros_like(z_t), captions, seeds),
+                "text_emb": self.decode(z_t, captions, seeds)}
+        if self.prior is not None:
+            rows["prior"] = self.decode(self.prior_embeddings(captions, seed=seeds[0]), captions, seeds)
+        return rows
+
+    @torch.no_grad()
+    def guidance_sweep(self, z_i: torch.Tensor, captions: Captions | None, scales: Sequence[float],
+                       seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Paper figure 8: the same z_i (B, D) and seeds decoded at each guidance scale: (len(scales), B, 3, S, S)."""
+        return torch.stack([self.decode(z_i, captions, seeds, guidance_scale=float(g)) for g in scales])
+
+    @torch.no_grad()
+    def probe(self, image: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
+        """CLIP zero-shot label probabilities for one image: softmax over labels of logit_scale * cos: (len(labels),)."""
+        z_i = self.embed_images(image)[:1]
+        z_t = self.embed_texts(labels)
+        scale = getattr(getattr(self.clip, "model", None), "logit_scale", None)
+        scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+        return torch.softmax(scale * (z_i @ z_t.T)[0], dim=-1).cpu()
+
+
+def _stage_sample_block(model: nn.Module | None, kind: type) -> dict[str, Any]:
+    """The ``sample:`` block of a loaded stage's config, restricted to ``kind``'s fields."""
+    block = ((getattr(model, "stage_cfg", None) or {}).get("sample") or {}) if model is not None else {}
+    names = {f.name for f in fields(kind)}
+    return {k: v for k, v in dict(block).items() if k in names and v is not None}
+
+
+def settings_with_stage_defaults(overrides: dict | Any | None, prior: nn.Module | None, decoder: nn.Module,
+                                 upsamplers: Sequence[nn.Module]) -> PipelineSettings:
+    """Settings = each checkpoint's own ``sample:`` block, overridden key by key by ``overrides`` (a dict shaped
+    like :class:`PipelineSettings`; ``None`` values are ignored)."""
+    if overrides is not None and not isinstance(overrides, dict):
+        from omegaconf import OmegaConf
+
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    overrides = dict(overrides or {})
+
+    def merged(base: dict, over: dict | None) -> dict:
+        return {**base, **{k: v for k, v in dict(over or {}).items() if v is not None}}
+
+    up_over = list(overrides.pop("upsamplers", None) or [])
+    ups = []
+    for i, up in enumerate(upsamplers):
+        over = up_over[min(i, len(up_over) - 1)] if up_over else None
+        ups.append(merged(_stage_sample_block(up, UpsamplerSettings), over))
+    d = {"prior": merged(_stage_sample_block(prior, PriorSettings), overrides.pop("prior", None)),
+         "decoder": merged(_stage_sample_block(decoder, DecoderSettings), overrides.pop("decoder", None)),
+         "upsamplers": ups if upsamplers else up_over}
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return PipelineSettings.from_dict(d)
+
+
+def load_pipeline_clip(clip: Any, decoder: nn.Module | None = None):
+    """A FrozenCLIP from: a FrozenCLIP (returned as is), a loader config (``_target_`` dict / DictConfig), or None
+    (the ``clip.loader`` stored with the decoder checkpoint)."""
+    if clip is not None and isinstance(clip, nn.Module):
+        return clip
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(clip, DictConfig):
+        clip = OmegaConf.to_container(clip, resolve=True)
+    if clip is None:
+        clip_cfg = getattr(decoder, "clip_cfg", None)
+        if not clip_cfg or "loader" not in clip_cfg:
+            raise ValueError("no CLIP given and the decoder checkpoint stores no clip.loader config: pass clip=...")
+        clip = dict(clip_cfg["loader"])
+        expect = {k: clip_cfg.get(k) for k in ("embed_dim", "text_width", "context_length", "image_size")}
+        clip.update({k: v for k, v in expect.items() if v is not None})
+    if isinstance(clip, dict) and "loader" in clip and "_target_" not in clip:
+        clip = clip["loader"]
+    return instantiate(clip)
