@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, Hydra composition of the real configs, tiny prepared emoji data."""
+"""Test-session fixtures. Offline by default: no test reaches a model hub."""
 
 from __future__ import annotations
 
@@ -7,30 +7,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from tests.helpers import ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-
-
-def compose(overrides: list[str], output_dir: Path | str, config_name: str = "train"):
-    """Compose the real config with ``overrides`` as `train.py` would, with ``${hydra:...}`` resolvable."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -39,5 +20,5 @@ def emoji_root(tmp_path_factory) -> Path:
     from unclip_pl.data.emoji import prepare_emoji
 
     root = tmp_path_factory.mktemp("emoji")
-    prepare_emoji(root, limit=96)
+    prepare_emoji(root, limit=96, val_fraction=0.25, progress=False)
     return root

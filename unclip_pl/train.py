@@ -71,6 +71,25 @@ def check_config(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"Config key '{key}' could not be resolved: {_first_line(e)}") from None
+    for path, node in _target_nodes(cfg):
+        _check_types(node, path)
+
+
+def _target_nodes(cfg: Any, prefix: str = ""):
+    """Yield ``(dotted path, node)`` for every block with a ``_target_`` (Hydra's own config excluded)."""
+    if isinstance(cfg, DictConfig):
+        if "_target_" in cfg:
+            yield prefix.rstrip("."), cfg
+        for key in cfg.keys():
+            if key == "hydra" and not prefix:
+                continue
+            node = cfg._get_node(key)
+            if isinstance(node, DictConfig) or OmegaConf.is_list(node):
+                yield from _target_nodes(node, f"{prefix}{key}.")
+    elif OmegaConf.is_list(cfg):
+        for i, node in enumerate(cfg):
+            if isinstance(node, DictConfig) or OmegaConf.is_list(node):
+                yield from _target_nodes(node, f"{prefix}{i}.")
 
 
 def _missing_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -102,13 +121,17 @@ def _check_types(node: DictConfig, what: str) -> None:
 
     try:
         target = _locate(node._target_)
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        hints: dict[str, Any] = {}
+        # A class forwarding **kwargs to its bases: their __init__ annotations apply too (subclass wins).
+        for fn in ([c.__init__ for c in reversed(target.__mro__)] if inspect.isclass(target) else [target]):
+            hints.update(typing.get_type_hints(fn))
     except Exception:  # unresolvable annotations: nothing to check
         return
     for key, annotation in hints.items():
         if key not in node or OmegaConf.is_missing(node, key):
             continue
-        value = node._get_node(key)._value()
+        # interpolations (e.g. ${oc.decode:${oc.env:SLURM_JOB_NUM_NODES,1}}) are checked by their resolved value
+        value = node[key] if OmegaConf.is_interpolation(node, key) else node._get_node(key)._value()
         allowed = _plain_types(annotation)
         if allowed is None or value is None or isinstance(value, (DictConfig,)) or OmegaConf.is_list(node[key]):
             continue
