@@ -37,5 +37,7 @@ def run_cli(args: list[str], timeout: float = 240, env: dict | None = None) -> s
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{OPS}{os.pathsep}{ROOT}",
                 "PROJECT_ROOT": str(ROOT), **(env or {})}
     full_env.pop("WANDB_MODE", None) if env is not None and "WANDB_MODE" not in env else None
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *BASE, *args], cwd=ROOT, env=full_env,
+    flags = [a for a in args if a in ("-m", "--multirun")]
+    args = [a for a in args if a not in flags]
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *BASE, *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
