@@ -1,11 +1,16 @@
-"""Fixtures for the data tests."""
+"""Fixtures for the data tests (helpers live in ``data_testutils.py``)."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_HERE = str(Path(__file__).resolve().parent)  # make ``data_testutils`` importable (pytest --import-mode=importlib)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 from data_testutils import FakeCLIP, make_samples  # noqa: E402
 

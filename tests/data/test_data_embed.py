@@ -91,3 +91,24 @@ def test_datamodule_embeds_once_into_cache(tmp_path, fake_clip):
     dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "fake0001").iterdir())
     assert dirs == ["train", "val"]
     assert np.isfinite(b["txt_emb"].numpy()).all()
+
+
+def test_cli_with_clip_argument(two_shards, tmp_path, fake_clip, monkeypatch, capsys):
+    import unclip_pl.clip.frozen as frozen
+
+    calls = []
+
+    def fake_load_clip(model_name, pretrained=None, checkpoint=None, **kw):
+        calls.append((model_name, pretrained, checkpoint))
+        return fake_clip
+
+    monkeypatch.setattr(frozen, "load_clip", fake_load_clip)
+    in_dir = os.path.dirname(two_shards[0])
+    assert embed_mod.main([in_dir, str(tmp_path / "o1"), "--clip", "ViT-B-32:openai", "--device", "cpu"]) == 0
+    assert calls[-1] == ("ViT-B-32", "openai", None)
+    assert len(os.listdir(tmp_path / "o1")) == 2
+    # a conf/clip/<name>.yaml name goes through the config's loader
+    assert embed_mod.main([in_dir, str(tmp_path / "o2"), "--clip", "small", "--checkpoint", "w.pt"]) == 0
+    assert calls[-1][2] == "w.pt" and calls[-1][0]
+    assert embed_mod.main([str(tmp_path / "none-{0..2}.tar"), str(tmp_path / "o3"), "--clip", "x"]) == 2
+    assert "none-{0..2}.tar" in capsys.readouterr().err

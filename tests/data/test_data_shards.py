@@ -192,3 +192,24 @@ def test_iter_tar_groups_members(shard_dir):
     samples = list(iter_tar(str(shard_dir / "part-000001.tar")))
     assert [s["__key__"] for s in samples] == [f"s{i:05d}" for i in range(5, 10)]
     assert set(samples[0]) == {"__key__", "__url__", "png", "txt"}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2"])
+def test_tar_formats_long_names_and_compression(tmp_path, fmt, mode):
+    """Shards written by other tools: long (pax/GNU) names, sub-folders, gzip and bzip2 compression."""
+    import io
+
+    src = make_samples(3)
+    path = tmp_path / ("x.tar" + {"w": "", "w:gz": ".gz", "w:bz2": ".bz2"}[mode])
+    long_dir = "d" * 120
+    with tarfile.open(path, mode, format=fmt) as tar:
+        for s in src:
+            for ext in ("png", "txt"):
+                data = s[ext] if isinstance(s[ext], bytes) else s[ext].encode()
+                ti = tarfile.TarInfo(f"{long_dir}/{s['__key__']}.{ext}")
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    got = list(iter_tar(str(path)))
+    assert [g["__key__"] for g in got] == [f"{long_dir}/{s['__key__']}" for s in src]
+    assert [g["png"] for g in got] == [s["png"] for s in src]

@@ -148,19 +148,22 @@ def load_clip_from_arg(clip: str, checkpoint: str | None = None):
     """``--clip`` value -> FrozenCLIP: a ``conf/clip/<name>.yaml`` name, or ``model_name[:pretrained]``."""
     from unclip_pl.clip.frozen import load_clip  # owned by the CLIP package; imported lazily
 
-    conf_dir = Path(__file__).resolve().parents[2] / "conf"
+    root = Path(__file__).resolve().parents[2]
+    conf_dir = root / "conf"
     if (conf_dir / "clip" / f"{clip}.yaml").exists():
         from hydra import compose, initialize_config_dir
         from hydra.utils import instantiate
 
+        os.environ.setdefault("PROJECT_ROOT", str(root))
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name="train", overrides=[f"clip={clip}"]).clip
+        extra = {"checkpoint": checkpoint} if checkpoint else {}
+        if "loader" in cfg:  # conf/clip/*.yaml: `loader` is a load_clip call
+            return instantiate(cfg.loader, **extra)
         if "_target_" in cfg:
-            return instantiate(cfg)
+            return instantiate(cfg, **extra)
         kwargs = {k: cfg[k] for k in ("model_name", "pretrained", "checkpoint") if k in cfg}
-        if checkpoint:
-            kwargs["checkpoint"] = checkpoint
-        return load_clip(**kwargs)
+        return load_clip(**{**kwargs, **extra})
     model_name, _, pretrained = clip.partition(":")
     return load_clip(model_name, pretrained or None, checkpoint=checkpoint)
 

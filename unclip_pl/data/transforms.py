@@ -62,16 +62,22 @@ def decode_image(data: bytes, size: int, random_crop: bool = False, rng: random.
     img.load()
     img = flatten_alpha(img)
     img = resize_crop(img, size, random_crop, rng)
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.asarray(img)
     if arr.shape != (size, size, 3):
         raise ValueError(f"decoded image has shape {arr.shape}, expected {(size, size, 3)}")
     return arr
 
 
 def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """Stack ``uint8`` arrays ``(H, W, 3)`` into float32 ``(B, 3, H, W)`` in [-1, 1] (one conversion per batch)."""
-    batch = torch.from_numpy(np.stack(images))  # (B, H, W, 3) uint8
-    return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    """Stack ``uint8`` arrays ``(H, W, 3)`` into float32 ``(B, 3, H, W)`` in [-1, 1] (one conversion per batch).
+
+    The channel transpose is done on the uint8 data (4x less memory traffic than on floats), and the scaling in
+    numpy (no torch intra-op threads competing with DataLoader workers).
+    """
+    batch = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
+    out = np.multiply(batch, np.float32(1 / 127.5), dtype=np.float32)
+    out -= np.float32(1.0)
+    return torch.from_numpy(out)
 
 
 def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
