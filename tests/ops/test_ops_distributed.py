@@ -39,10 +39,7 @@ def test_ddp_two_cpu_processes_disjoint_data(tmp_path, tiny_shards):
     assert len(keys[0]) == len(keys[1]) == 3 * 4  # 3 steps x batch 4 on each rank
     log = (tmp_path / "train" / "runs" / "ddp" / "train.log").read_text()
     assert "global batch 8 = 4 per device x 2 device(s)" in log
-    if set(keys[0]) & set(keys[1]):
-        pytest.xfail("ranks overlap: ShardDataModule switches to resampled shards (drawn with replacement) when "
-                     "world_size > 1 and resampled=false; split_by_node over a repeated, identically shuffled "
-                     "shard list would keep them disjoint (see the ops report)")
+    assert not set(keys[0]) & set(keys[1]), "the two ranks trained on the same samples"
 
 
 def test_multirun_failing_job_does_not_stop_others(tmp_path):
