@@ -246,6 +246,11 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def data_batch_size(cfg: DictConfig, stage: str) -> int:
+    """Per-device batch: ``data.batch_size`` when set, else the stage's recommended ``batch_size``, else 64."""
+    return int(cfg.data.get("batch_size") or stage_config(cfg, stage).get("batch_size") or 64)
+
+
 def build_trainer(cfg: DictConfig, stage: str) -> pl.Trainer:
     callbacks = [build(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c is not None]
     loggers = build_loggers(cfg)
@@ -267,7 +272,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     clip = load_frozen_clip(cfg) if stage_needs_clip(cfg, stage) else None
 
-    datamodule = build(cfg.data, "data")
+    datamodule = build(cfg.data, "data", batch_size=data_batch_size(cfg, stage))
     datamodule.needs = tuple(scfg.needs)
     apply_lr_scaling(cfg, scfg, getattr(datamodule, "batch_size", None) or cfg.data.get("batch_size") or 1)
     if scfg.get("image_size"):
