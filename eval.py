@@ -90,7 +90,8 @@ def generate(pipe, variant: str, captions: list[str], real: torch.Tensor | None,
 # ----------------------------------------------------------------------------------------------------------- metrics
 def image_metrics(clip, images: torch.Tensor, captions: list[str], pool: list[str], pool_emb: torch.Tensor,
                   real_feats: torch.Tensor | None, real_images: torch.Tensor | None, inception_weights: Any,
-                  k: list[int]) -> dict[str, Any]:
+                  k: list[int]) -> tuple[dict[str, Any], torch.Tensor]:
+    """Metrics of ``images`` (N, 3, S, S) against their ``captions``; returns (metrics, CLIP features (N, D))."""
     from unclip_pl.metrics.clip_score import caption_retrieval, cosine_scores, encode_captions, encode_images
     from unclip_pl.metrics.fid import InceptionFID, frechet_distance_features
 
@@ -98,7 +99,10 @@ def image_metrics(clip, images: torch.Tensor, captions: list[str], pool: list[st
     out: dict[str, Any] = {"n": int(images.shape[0])}
     out["clip_score"] = float(cosine_scores(feats, encode_captions(clip, captions)).mean())
     out.update({k_: v for k_, v in caption_retrieval(feats, captions, pool, pool_emb, k).items() if k_ != "pool_size"})
-    if real_feats is not None:
+    if real_feats is not None and min(real_feats.shape[0], feats.shape[0]) < 2:
+        log.warning("FID needs at least 2 images per set (got %d): skipped", min(real_feats.shape[0], feats.shape[0]))
+        out["clip_fid"] = None
+    elif real_feats is not None:
         out["clip_fid"] = frechet_distance_features(real_feats, feats)
         metric, _ = InceptionFID.create(inception_weights)
         if metric is not None and real_images is not None:

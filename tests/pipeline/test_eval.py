@@ -47,6 +47,7 @@ def test_eval_writes_results(tmp_path, tiny_pipeline, shards):
         assert 0.0 <= m["top1"] <= m["top5"] <= 1.0 and -1.0 <= m["clip_score"] <= 1.0
     for variant in ("prior", "no_prior", "oracle"):
         assert val[variant]["clip_fid"] >= 0.0
+    assert val["no_prior"]["clip_fid"] != val["oracle"]["clip_fid"]  # different embeddings, different images
     assert val["prior"]["diversity"] >= 0.0 and "no_prior" in saved["variants"]
     assert (tmp_path / "results.md").read_text().count("| val |") == 4
     assert (tmp_path / "val_prior.png").is_file()
