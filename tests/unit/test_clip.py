@@ -152,3 +152,22 @@ def test_pretrained_offline_fails_fast(tmp_path, monkeypatch):
 def test_unknown_tag_lists_choices():
     with pytest.raises(CLIPLoadError, match="laion2b_s34b_b79k"):
         load_clip("ViT-B-32", pretrained="no_such_tag")
+
+
+def test_pretrained_cache_lookup(tmp_path):
+    """A weights file already in the huggingface_hub cache is found without any network call."""
+    import open_clip
+
+    from unclip_pl.clip.frozen import _cached_pretrained_file
+
+    pcfg = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
+    repo_id = pcfg["hf_hub"].rstrip("/")
+    assert _cached_pretrained_file(pcfg, str(tmp_path))[0] is None
+    repo = tmp_path / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_pytorch_model.bin").write_bytes(b"x")
+    found, _ = _cached_pretrained_file(pcfg, str(tmp_path))
+    assert found is not None and found.endswith("open_clip_pytorch_model.bin")

@@ -54,9 +54,9 @@ def test_training_reduces_loss_logs_and_exports(tmp_path):
     batch = next(iter(DataLoader(data, batch_size=32)))
     with torch.no_grad():
         before = module.model.loss(batch)["loss"].item()
-    trainer = pl.Trainer(max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         check_val_every_n_epoch=10)
+                         check_val_every_n_epoch=3)
     trainer.fit(module, DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=10))
     with torch.no_grad():
         after = module.model.loss(batch)["loss"].item()

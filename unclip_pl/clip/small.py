@@ -71,13 +71,13 @@ def small_clip_config(name: str = DEFAULT_SMALL, **overrides: Any) -> dict[str, 
     if name not in SMALL_CLIP_CONFIGS:
         raise KeyError(f"unknown small CLIP {name!r}; choose one of {sorted(SMALL_CLIP_CONFIGS)}")
     cfg = copy.deepcopy(SMALL_CLIP_CONFIGS[name])
-    for key, value in overrides.items():
+    for key, value in _plain(overrides).items():
         if value is None:
             continue
         if key in ("vision_cfg", "text_cfg") and isinstance(value, dict):
-            cfg[key].update(_plain(value))
+            cfg[key].update(value)
         else:
-            cfg[key] = _plain(value)
+            cfg[key] = value
     return cfg
 
 
@@ -131,6 +131,9 @@ def export_clip(model: nn.Module, model_name: str, model_cfg: dict[str, Any], pa
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+register_small_clips()  # so open_clip.create_model / get_tokenizer know the names as soon as this is imported
 
 
 def _plain(obj: Any) -> Any:
