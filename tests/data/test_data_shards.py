@@ -177,15 +177,29 @@ def test_resampled_epoch_length(monkeypatch, shard_dir):
         build_pipeline(shard_dir, resampled=True)
 
 
-def test_multi_rank_datamodule_switches_to_resampled(monkeypatch, shard_dir):
+@pytest.mark.parametrize("n_shards", [8, 5])
+def test_multi_rank_training_disjoint_and_equal_steps(monkeypatch, tmp_path, n_shards):
+    """resampled=False on 2 ranks: shards cycled and split by node; equal step counts, disjoint in a pass."""
     from unclip_pl.data.datamodule import ShardDataModule
 
-    monkeypatch.setenv("RANK", "0")
+    urls = write_shards(make_samples(40), tmp_path / "s", maxcount=40 // n_shards)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    dm = ShardDataModule(shard_dir, None, batch_size=4, num_workers=0, needs=("txt",))
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    assert len(loader) == 5 and len(list(loader)) == 5  # 40 samples / (2 ranks * 4): equal steps on every rank
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        dm = ShardDataModule(urls, None, batch_size=4, num_workers=0, needs=("txt",), shuffle_buffer=8)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        epochs = [[k for b in loader for k in b["key"]] for _ in range(2)]
+        assert len(loader) == 5 and all(len(e) == 20 for e in epochs)  # 40 samples / (2 ranks x batch 4)
+        assert epochs[0] != epochs[1]  # a new shard order each epoch
+        per_rank.append(epochs)
+    for e in range(2):
+        a, b = set(per_rank[0][e]), set(per_rank[1][e])
+        if n_shards == 8:  # shards divide evenly: a partition of the data
+            assert not a & b and len(a | b) == 40
+        else:  # 5 shards: one rank wraps into the next pass for its last shard
+            assert len(a & b) <= 40 // n_shards
 
 
 def test_iter_tar_groups_members(shard_dir):

@@ -49,8 +49,10 @@ class ShardDataModule(pl.LightningDataModule):
             ``clip.tokenize`` is used.
         shuffle_buffer: sample shuffle buffer (train only).
         resampled / epoch_length: draw training shards with replacement, ``epoch_length`` samples per epoch over
-            all ranks. With more than one rank and ``resampled=False`` training switches to resampled mode with
-            ``epoch_length`` = the number of training samples, so every rank runs the same number of steps.
+            all ranks. With more than one rank and ``resampled=False`` the training shard list is cycled (a new
+            shuffle per pass, identical on every rank) and split across ranks and workers, with ``epoch_length``
+            (default: the number of training samples, counted from the tar headers) capping each epoch, so
+            ranks read disjoint shards and all run the same number of steps.
         random_crop: random (train) instead of centre crops.
         embed_cache_dir: if set, and ``needs`` has img_emb/txt_emb, and a FrozenCLIP is assigned to ``dm.clip``,
             shards are embedded once into ``embed_cache_dir/<clip.fingerprint>/{train,val}`` and read from there.
@@ -145,22 +147,22 @@ class ShardDataModule(pl.LightningDataModule):
         common = dict(needs=needs, image_size=self.image_size, tokenizer=tokenizer, seed=self.seed)
         if stage in (None, "fit") and self.train_urls is not None:
             urls = self._urls("train")
-            resampled, epoch_length = self.resampled, self.epoch_length
+            resampled, epoch_length, repeat = self.resampled, self.epoch_length, False
             if self.world_size > 1 and not resampled:
                 if epoch_length is None:
                     if any(_is_remote(u) for u in urls):
                         raise ValueError("training on several ranks needs equal step counts: set "
-                                         "data.resampled=true and data.epoch_length=<samples per epoch>")
+                                         "data.epoch_length=<samples per epoch> (or data.resampled=true)")
                     epoch_length = count_samples(urls)
-                resampled = True
-                log.info("world size %d: training shards are resampled, %d samples per epoch", self.world_size,
-                         epoch_length)
+                repeat = True
+                log.info("world size %d: training shards are cycled and split across ranks, %d samples per epoch",
+                         self.world_size, epoch_length)
             self.train_dataset = build_pipeline(
                 urls, batch_size=self.batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
                 resampled=resampled, epoch_length=epoch_length, random_crop=self.random_crop,
-                stats=self.stats["train"], **common)
+                stats=self.stats["train"], repeat=repeat, **common)
             self._train_workers = self._workers_for(urls, resampled)
-            if resampled:
+            if resampled or repeat:
                 n = batches_per_worker(epoch_length, self.batch_size, self.world_size, self._train_workers)
                 self.train_dataset.with_length(n * max(1, self._train_workers), silent=True)
         if stage in (None, "fit", "validate") and self.val_urls is not None:

@@ -8,6 +8,8 @@ Reading (:func:`build_pipeline`) is a ``webdataset.DataPipeline``::
     shard list (or resampled shards) -> [deterministic shard shuffle] -> split_by_node -> split_by_worker
     -> tar samples -> [sample shuffle buffer] -> decode (+ key checks) -> batch -> [tokenise] -> [epoch cap]
 
+(with ``resampled`` the shard list is drawn with replacement, with ``repeat`` it is cycled; see below)
+
 and yields batches in the project format (``key``, ``txt`` and the requested tensors, see ``/work/contract.md``).
 
 Bad input policy:
@@ -307,9 +309,44 @@ def iter_tar(url: str) -> Iterator[dict]:
 
 
 def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
-    """Pipeline stage: ``{"url": ...}`` items -> raw samples of each shard."""
+    """Pipeline stage: ``{"url": ..., "pass"?: k}`` items -> raw samples of each shard (tagged ``__pass__``)."""
     for item in src:
-        yield from iter_tar(item["url"])
+        p = item.get("pass")
+        for sample in iter_tar(item["url"]):
+            if p is not None:
+                sample["__pass__"] = p
+            yield sample
+
+
+class ShuffleBuffer:
+    """Pipeline stage: shuffle samples through a buffer of ``bufsize``.
+
+    The buffer is drained at the end of the stream and whenever the ``__pass__`` tag changes, so samples of one
+    pass over the shard list never mix with the next (epochs stay a clean partition across ranks).
+    Uses the ``random`` module, which PyTorch seeds differently in every DataLoader worker.
+    """
+
+    def __init__(self, bufsize: int, rng: random.Random | None = None):
+        self.bufsize, self.rng = int(bufsize), rng
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        rng = self.rng or random
+        buf: list[dict] = []
+        current = None
+        for sample in src:
+            tag = sample.get("__pass__")
+            if tag != current and buf:
+                rng.shuffle(buf)
+                yield from buf
+                buf = []
+            current = tag
+            buf.append(sample)
+            if len(buf) >= self.bufsize:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
 
 
 def count_samples(urls: Sequence[str]) -> int:
@@ -610,10 +647,35 @@ class EpochCap:
             yield batch
 
 
+class RepeatedShardList(torch.utils.data.IterableDataset):
+    """Shard list cycled forever: pass ``k`` is a permutation seeded by ``(seed, k)``, identical on every rank.
+
+    Followed by ``split_by_node``/``split_by_worker`` and an :class:`EpochCap`, ranks read disjoint shards within
+    a pass and all take the same number of steps (the multi-rank training mode when ``resampled=False``).
+    Each iteration (epoch) starts a new pass.
+    """
+
+    def __init__(self, urls: Sequence[str], seed: int = 0, shuffle: bool = True):
+        super().__init__()
+        self.urls, self.seed, self.shuffle, self.epoch = list(urls), int(seed), shuffle, -1
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch += 1
+        k = self.epoch
+        while True:
+            order = list(self.urls)
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + k).shuffle(order)
+            for u in order:
+                yield {"url": u, "pass": k}
+            k += 1
+
+
 def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "txt"), image_size: int = 64,
                    batch_size: int = 32, train: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                    epoch_length: int | None = None, tokenizer: Callable | None = None, random_crop: bool = False,
-                   seed: int = 0, stats: LoaderStats | None = None, partial: bool = True) -> wds.DataPipeline:
+                   seed: int = 0, stats: LoaderStats | None = None, partial: bool = True,
+                   repeat: bool = False) -> wds.DataPipeline:
     """Build the batched reading pipeline (an ``IterableDataset`` of batches; use ``batch_size=None`` in loaders).
 
     Args:
@@ -625,6 +687,9 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
         epoch_length: samples per epoch over all ranks and workers (caps each worker's batches).
         tokenizer: callable ``list[str] -> LongTensor (B, L)``; required when "tokens" is needed.
         stats: :class:`LoaderStats` to count into (a new one if None; available as ``pipeline.stats``).
+        repeat: cycle through the shard list (a new identical-on-every-rank shuffle per pass when ``train``),
+            split by node and worker; requires ``epoch_length``. Ranks read disjoint shards within a pass and
+            take equal step counts: the multi-rank mode without resampling.
     Returns:
         ``wds.DataPipeline`` yielding dicts ``key`` (list[str]), ``txt`` (list[str]), and as needed ``image``
         float32 (B, 3, H, W) in [-1, 1], ``tokens`` int64 (B, L), ``img_emb``/``txt_emb`` float32 (B, D).
@@ -635,14 +700,16 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
         raise ValueError(f"unknown needs {sorted(unknown)}; valid: {sorted(VALID_NEEDS)}")
     if "tokens" in needs and tokenizer is None:
         raise ValueError("needs contains 'tokens' but no tokenizer was given (pass e.g. clip.tokenize)")
-    if resampled and not epoch_length:
-        raise ValueError("resampled=True draws shards forever: set epoch_length (samples per epoch)")
+    if (resampled or repeat) and not epoch_length:
+        raise ValueError("resampled/repeat read shards forever: set epoch_length (samples per epoch)")
     url_list = expand_urls(urls)
     stats = stats if stats is not None else LoaderStats()
 
     stages: list = []
     if resampled:
         stages.append(wds.ResampledShards(url_list, seed=seed))
+    elif repeat:
+        stages += [RepeatedShardList(url_list, seed=seed, shuffle=train), wds.split_by_node, wds.split_by_worker]
     else:
         stages.append(wds.SimpleShardList(url_list))
         if train and len(url_list) > 1:
@@ -650,7 +717,7 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
         stages += [wds.split_by_node, wds.split_by_worker]
     stages.append(tar_samples)
     if train and shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+        stages.append(ShuffleBuffer(shuffle_buffer))
     stages.append(DecodeSamples(needs, image_size, random_crop and train, stats))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=partial))
     if "tokens" in needs:
@@ -664,14 +731,8 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
     return pipeline
 
 
-def seed_everything_for_worker(worker_id: int) -> None:  # pragma: no cover - used as worker_init_fn
-    """Re-seed numpy from torch's per-worker seed (torch seeds ``random`` and torch itself)."""
-    np.random.seed(torch.initial_seed() % 2**32)
-    random.seed(torch.initial_seed())
-
-
 __all__ = [
     "IMAGE_EXTS", "VALID_NEEDS", "ShardError", "MissingKeyError", "expand_urls", "open_url", "iter_tar",
-    "tar_samples", "count_samples", "encode_sample", "ShardWriter", "write_shards", "LoaderStats", "DecodeSamples",
-    "collate", "Tokenize", "EpochCap", "batches_per_worker", "build_pipeline",
+    "tar_samples", "ShuffleBuffer", "count_samples", "encode_sample", "ShardWriter", "write_shards", "LoaderStats", "DecodeSamples",
+    "collate", "Tokenize", "EpochCap", "RepeatedShardList", "batches_per_worker", "build_pipeline",
 ]
