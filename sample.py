@@ -44,10 +44,12 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """An image file -> (1, 3, size, size) in [-1, 1] (centre square crop, bicubic resize)."""
     from PIL import Image
 
+    from unclip_pl.data.transforms import flatten_alpha
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise SampleError(f"image file not found: {p}")
-    img = Image.open(p).convert("RGB")
+    img = flatten_alpha(Image.open(p))  # transparent pixels onto white, as the training data
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size),

