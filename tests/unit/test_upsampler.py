@@ -1,0 +1,97 @@
+"""Upsamplers: no attention, quarter-size training crops, full-size sampling at other sizes, configs."""
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from unclip_pl.data.degrade import gaussian_blur
+from unclip_pl.diffusion import GaussianDiffusion, get_betas
+from unclip_pl.models.upsampler import Upsampler, random_crop_pair
+from unclip_pl.nets.unet import AttentionBlock, UNet
+
+
+def compose(overrides: list[str], output_dir=None):
+    """The real config composed from conf/train.yaml as train.py does (only the stage subtree is instantiated)."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+
+def tiny_upsampler(**kw) -> Upsampler:
+    torch.manual_seed(0)
+    unet = UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=[], image_size=32,
+                low_res_channels=3)
+    return Upsampler(unet, GaussianDiffusion(get_betas("cosine", 1000)), low_res_size=16, degradation=gaussian_blur,
+                     **kw)
+
+
+def test_training_crop_is_a_quarter_and_matches_low_res_window():
+    up = tiny_upsampler()
+    assert up.crop_size == 8 and up.scale == 2
+    seen = []
+    hook = up.unet.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0].shape,
+                                                                                   kwargs["low_res"].shape)),
+                                         with_kwargs=True)
+    out = up.loss(torch.rand(3, 3, 32, 32) * 2 - 1)
+    hook.remove()
+    assert torch.isfinite(out["loss"])
+    assert seen == [(torch.Size([3, 3, 8, 8]), torch.Size([3, 3, 8, 8]))]
+    # the same window is cut from both tensors, different windows per sample
+    a = torch.arange(2 * 32 * 32, dtype=torch.float32).view(2, 1, 32, 32)
+    ca, cb = random_crop_pair(a, a * 2, 8, torch.Generator().manual_seed(0))
+    assert ca.shape == (2, 1, 8, 8) and torch.equal(cb, ca * 2)
+    assert torch.equal(ca[:, :, 1:, :] - ca[:, :, :-1, :], torch.full((2, 1, 7, 8), 32.0))  # contiguous window
+
+
+def test_upsampler_has_no_attention_and_samples_at_other_sizes():
+    up = tiny_upsampler().eval()
+    assert not any(isinstance(m, AttentionBlock) for m in up.modules())
+    for h, w in [(16, 16), (12, 20)]:                 # training crop is 8x8 at 32x32 output
+        out = up.sample(torch.rand(2, 3, h, w) * 2 - 1, steps=3, seeds=[0, 1])
+        assert out.shape == (2, 3, 2 * h, 2 * w) and out.min() >= -1 and out.max() <= 1
+    a = up.sample(torch.zeros(1, 3, 16, 16), steps=3, seeds=[5])
+    assert torch.equal(a, up.sample(torch.zeros(1, 3, 16, 16), steps=3, seeds=[5]))
+
+
+def test_low_res_is_downsampled_and_degraded():
+    up = tiny_upsampler()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    low = up.make_low_res(x)
+    assert low.shape == (2, 3, 16, 16) and low.min() >= -1 and low.max() <= 1
+    up.degradation = None
+    assert not torch.allclose(low, up.make_low_res(x))
+
+
+def test_emoji_upsampler_config_instantiates_and_trains_a_step(tmp_path):
+    cfg = compose(["upsampler=emoji"], tmp_path)
+    model = instantiate(cfg.upsampler.module.model)
+    assert isinstance(model, Upsampler)
+    assert (model.image_size, model.low_res_size, model.crop_size) == (64, 32, 16)
+    assert not any(isinstance(m, AttentionBlock) for m in model.modules())
+    loss = model.loss(torch.rand(2, 3, 64, 64) * 2 - 1)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name,size,low,steps,params", [("paper_256", 256, 64, 27, (6e8, 7.5e8)),
+                                                         ("paper_1024", 1024, 256, 15, (2.0e8, 3.0e8))])
+def test_paper_upsampler_configs(name, size, low, steps, params, tmp_path):
+    cfg = compose([f"upsampler={name}"], tmp_path)
+    node = cfg.upsampler.module.model
+    diffusion = instantiate(node.diffusion)
+    with torch.device("meta"):
+        model = instantiate(node, diffusion=diffusion)
+    n = sum(p.numel() for p in model.parameters())
+    assert params[0] < n < params[1], n
+    assert (model.image_size, model.low_res_size, model.crop_size, model.sample_steps) == (size, low, size // 4, steps)
+    assert not any(isinstance(m, AttentionBlock) for m in model.modules())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    y = model.degradation(x)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1

@@ -1,0 +1,86 @@
+"""LightningModule of a diffusion upsampler (``python train.py upsampler=emoji``).
+
+Training: ``Upsampler.loss(image)`` (low-res input built inside: down-sample + degradation, random quarter-size crops).
+Validation (EMA weights): ``val/loss`` with fixed noise; every ``sample_every_n_val``-th validation run a grid of the
+first ``num_grid_items`` validation images is logged (row 1: the low-res input, row 2: the upsampled sample at full
+size, row 3: the real image).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from unclip_pl.callbacks.image_grid import log_image_grid, to_grid
+from unclip_pl.lit.base import StageModule
+from unclip_pl.lit.decoder import _GridMixin
+
+
+class UpsamplerModule(_GridMixin, StageModule):
+    """Upsampler training/validation glue.
+
+    Args:
+        model: ``unclip_pl.models.upsampler.Upsampler``.
+        optimizer, warmup_steps, ema_decay: see ``StageModule`` (no CLIP: the upsampler sees only images).
+        channels_last: convert images and weights to channels_last memory format.
+        sample_every_n_val / num_grid_items: grid logging, as in ``DecoderModule``.
+        sample_steps / sampler / eta: grid sampler settings (None = the model's defaults).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        channels_last: bool = False,
+        sample_every_n_val: int = 1,
+        num_grid_items: int = 8,
+        sample_steps: Any = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+    ):
+        super().__init__(model, optimizer, warmup_steps, ema_decay, clip=None)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            if self.ema is not None:
+                self.ema.module.to(memory_format=torch.channels_last)
+        self.sample_kwargs = {k: v for k, v in dict(steps=sample_steps, sampler=sampler, eta=eta).items()
+                              if v is not None}
+        self._init_grid(sample_every_n_val, num_grid_items)
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float()
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model.loss(self._images(batch["image"]))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.eval_model.loss(self._images(batch["image"]), generator=self._generator(batch_idx))
+        self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        self._keep_grid_items(batch, ("image",))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._grid_due():
+            self.log_samples()
+
+    @torch.no_grad()
+    def sample_grid_items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low-res inputs (N, 3, h, w), samples (N, 3, H, W)) for the fixed validation images, fixed seeds."""
+        images = self._images(self._grid_items["image"].to(self.device))
+        model = self.eval_model
+        with torch.random.fork_rng(devices=[]):   # fixed degradation draws (BSR uses the global CPU RNG)
+            torch.manual_seed(0)
+            low = model.make_low_res(images)
+        with self._autocast():
+            samples = model.sample(low, seeds=list(range(low.shape[0])), **self.sample_kwargs).float()
+        return low, samples
+
+    def log_samples(self) -> list[str]:
+        low, samples = self.sample_grid_items()
+        grid = to_grid([low, samples, self._grid_items["image"]])
+        return log_image_grid(self.trainer, "val/samples", grid)

@@ -1,0 +1,122 @@
+"""Diffusion upsamplers (paper section 2.1): 64->256 and 256->1024, conditioned only on the low-resolution image.
+
+No caption, no CLIP embedding, no guidance, no attention. In training the low-resolution input is made by
+down-sampling the high-resolution image and corrupting it (Gaussian blur for the first stage, BSR degradation for the
+second); the model trains on random crops of a quarter of the target size and runs at full size at inference
+(the U-Net is convolutional only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip_pl.diffusion import GaussianDiffusion
+from unclip_pl.models.decoder import SAMPLERS, initial_noise, run_sampler, step_generator
+
+
+def random_crop_pair(a: torch.Tensor, b: torch.Tensor, size: int, generator: torch.Generator | None = None):
+    """The same random (size x size) window of a and b (B, C, H, W), a different window per sample; no host sync.
+
+    Returns (a_crop (B, Ca, size, size), b_crop (B, Cb, size, size))."""
+    B, _, H, W = a.shape
+    dev = generator.device if generator is not None else a.device
+    oy = torch.randint(0, H - size + 1, (B,), generator=generator, device=dev).to(a.device)
+    ox = torch.randint(0, W - size + 1, (B,), generator=generator, device=dev).to(a.device)
+    ar = torch.arange(size, device=a.device)
+    rows = (oy[:, None] + ar)[:, :, None]                          # (B, size, 1)
+    cols = (ox[:, None] + ar)[:, None, :]                          # (B, 1, size)
+    bidx = torch.arange(B, device=a.device)[:, None, None]
+
+    def crop(x):  # advanced indices around a slice -> (B, size, size, C); permuted back it is channels_last
+        return x[bidx, :, rows, cols].permute(0, 3, 1, 2)
+    return crop(a), crop(b)
+
+
+class Upsampler(nn.Module):
+    """Low-res-conditioned diffusion super-resolution model.
+
+    Args:
+        unet: ``UNet`` with ``low_res_channels=3`` and no attention (``attention_resolutions=[]``).
+        diffusion: training ``GaussianDiffusion`` (cosine 1000 for 64->256, linear 1000 for 256->1024).
+        low_res_size: side of the low-resolution input in training (64 / 256).
+        image_size: target side (256 / 1024); default ``unet.image_size``.
+        degradation: callable (B, 3, h, w) -> (B, 3, h, w) in [-1, 1] applied to the down-sampled image in
+            training (``unclip_pl.data.degrade.gaussian_blur`` / ``bsr_degrade`` with Hydra ``_partial_``); None = none.
+        crop_size: training crop side at the target resolution; default ``image_size // 4`` (paper).
+        downsample_mode: interpolation used to make the low-res training input ("bicubic", "area", "bilinear").
+        sample_steps / sampler / eta: defaults of ``sample`` (paper: DDIM 27 and 15 steps).
+    """
+
+    def __init__(self, unet: nn.Module, diffusion: GaussianDiffusion, low_res_size: int, image_size: int | None = None,
+                 degradation: Callable[[torch.Tensor], torch.Tensor] | None = None, crop_size: int | None = None,
+                 downsample_mode: str = "bicubic", sample_steps: Any = 27, sampler: str = "ddim", eta: float = 0.0):
+        super().__init__()
+        if getattr(unet, "low_res_channels", 0) <= 0:
+            raise ValueError("the upsampler's U-Net needs low_res_channels > 0")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
+        if getattr(unet, "learn_sigma", False) != diffusion.learn_sigma:
+            raise ValueError(f"unet.learn_sigma={unet.learn_sigma} but diffusion.learn_sigma={diffusion.learn_sigma}")
+        self.unet = unet
+        self.diffusion = diffusion
+        self.low_res_size = int(low_res_size)
+        self.image_size = int(image_size or unet.image_size)
+        if self.image_size % self.low_res_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of low_res_size {self.low_res_size}")
+        self.scale = self.image_size // self.low_res_size
+        self.degradation = degradation
+        self.crop_size = int(crop_size or self.image_size // 4)
+        multiple = 2 ** (unet.num_levels - 1)
+        if self.crop_size % multiple or self.crop_size > self.image_size:
+            raise ValueError(f"crop_size {self.crop_size} must be <= image_size and a multiple of {multiple}")
+        self.downsample_mode = downsample_mode
+        self.sample_steps, self.sampler, self.eta = sample_steps, sampler, eta
+
+    def make_low_res(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) high-res -> (B, 3, low_res_size, low_res_size): down-sample (antialiased) + degradation."""
+        antialias = self.downsample_mode in ("bilinear", "bicubic")
+        low = F.interpolate(images.float(), size=(self.low_res_size, self.low_res_size), mode=self.downsample_mode,
+                            **({"antialias": True, "align_corners": False} if antialias else {}))
+        low = low.clamp(-1, 1)
+        if self.degradation is not None:
+            low = self.degradation(low).clamp(-1, 1)
+        return low.to(images.dtype)
+
+    def loss(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W) in [-1, 1] at the target resolution. Returns dict(loss, mse[, vb]) of scalars.
+
+        The low-res input is built from the whole image, bilinearly up-sampled to full size (as at inference), and
+        the same random crop of a quarter of the target size is taken from both."""
+        B, _, H, W = images.shape
+        low = self.make_low_res(images)
+        up = F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
+        if self.crop_size < min(H, W):
+            x0, cond = random_crop_pair(images, up, self.crop_size, generator)
+        else:
+            x0, cond = images, up
+        dev = generator.device if generator is not None else images.device
+        t = self.diffusion.sample_timesteps(B, dev, generator).to(images.device)
+        noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0)
+        terms = self.diffusion.training_losses(self.unet, x0, t, model_kwargs={"low_res": cond}, noise=noise)
+        return {k: v.mean() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def sample(self, low_res: torch.Tensor, steps: Any = None, sampler: str | None = None, eta: float | None = None,
+               generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
+               x_T: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+        """low_res (B, 3, h, w) in [-1, 1] -> (B, 3, h * scale, w * scale) in [-1, 1] (any h, w that make the
+        output a multiple of the U-Net's down-sampling factor)."""
+        B, C, h, w = low_res.shape
+        if x_T is None:
+            x_T = initial_noise((B, self.unet.in_channels, h * self.scale, w * self.scale), low_res.device,
+                                generator=generator, seeds=seeds)
+        cond = {"low_res": low_res.clamp(-1, 1)}
+        x = run_sampler(self.diffusion, lambda x, t: self.unet(x, t, **cond), x_T, sampler or self.sampler,
+                        self.sample_steps if steps is None else steps, self.eta if eta is None else eta,
+                        step_generator(seeds, generator, x_T.device),
+                        clip_denoised=True, progress=progress)
+        return x.clamp(-1, 1)
