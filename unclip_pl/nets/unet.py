@@ -301,6 +301,8 @@ class UNet(nn.Module):
                 low_res = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
 
+        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+            x = x.contiguous(memory_format=torch.channels_last)       # keep one memory format through the net
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:
