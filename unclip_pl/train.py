@@ -288,7 +288,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     module = build_with_optional(scfg.module, f"{stage}.module", clip=clip)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("compile"):
-        module.model = torch.compile(module.model)
+        compile_networks(module.model)
 
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
@@ -309,6 +309,13 @@ def _finish_wandb(trainer: pl.Trainer) -> None:
         run = getattr(logger, "_experiment", None)
         if type(logger).__name__ == "WandbLogger" and run is not None and hasattr(run, "finish"):
             run.finish()
+
+
+def compile_networks(model: torch.nn.Module) -> None:
+    """``torch.compile`` the network(s) of a stage model in place (its ``loss``/``sample`` stay plain Python)."""
+    for name in ("net", "unet", "text_encoder"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            setattr(model, name, torch.compile(getattr(model, name)))
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
