@@ -26,7 +26,7 @@ os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 log = logging.getLogger("eval")
@@ -133,7 +133,7 @@ def diversity_for(pipe, variant: str, captions: list[str], samples: int, seed: i
 def evaluate(cfg: DictConfig, pipe=None, urls: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the evaluation described by ``cfg``; returns the results dict (also written to results.json)."""
     from sample import build_pipeline
-    from unclip_pl.metrics.clip_score import encode_captions, encode_images, unique_captions
+    from unclip_pl.metrics.clip_score import encode_captions, unique_captions
     from unclip_pl.metrics.fid import inception_weights_status
 
     torch.manual_seed(int(cfg.seed))

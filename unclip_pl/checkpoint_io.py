@@ -23,12 +23,13 @@ import logging
 import os
 import pathlib
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from unclip_pl.utils.checkpoint import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +181,4 @@ def export_weights(ckpt: str | os.PathLike, out: str | os.PathLike, which: str =
     payload = {"format": EXPORT_FORMAT, "stage": info["stage"], "cfg": info["cfg"], "clip": info["clip"],
                "which": info["which"],
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in info["state_dict"].items()}}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+    return atomic_save(payload, out)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import platform
 import re
-import resource
 import time
 from pathlib import Path
 

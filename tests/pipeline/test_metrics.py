@@ -1,6 +1,5 @@
 """FID (CLIP space) maths, distributed gathering with 2 gloo ranks, CLIP score / retrieval, diversity."""
 
-import os
 import socket
 import sys
 import time
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 from unclip_pl.metrics.clip_score import caption_retrieval, cosine_scores
 from .dist_worker import rank_main as _rank_main
 from unclip_pl.metrics.diversity import diversity_by_group, mean_pairwise_distance
-from unclip_pl.metrics.fid import (FrechetFeatureDistance, frechet_distance, frechet_distance_features,
+from unclip_pl.metrics.fid import (frechet_distance, frechet_distance_features,
                                    inception_weights_status, trace_sqrt_product)
 
 

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unclip_pl.clip.frozen import load_clip
-from unclip_pl.lit.clip import CLIPModule, _warmup_cosine
+from unclip_pl.lit.base import warmup_cosine
+from unclip_pl.lit.clip import CLIPModule
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -94,7 +95,7 @@ def test_logit_scale_clamped(tmp_path):
 
 
 def test_warmup_cosine_schedule():
-    assert _warmup_cosine(0, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
-    assert _warmup_cosine(9, warmup=10, total=100, min_ratio=0.1) == pytest.approx(1.0)
-    assert _warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
-    assert _warmup_cosine(50, warmup=10, total=None, min_ratio=0.1) == 1.0
+    assert warmup_cosine(0, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, warmup=10, total=100, min_ratio=0.1) == pytest.approx(1.0)
+    assert warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(50, warmup=10, total=None, min_ratio=0.1) == 1.0

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import torch
 from torch import nn
+
+from unclip_pl.utils.checkpoint import atomic_save
 
 EXPORT_FORMAT = "unclip_pl.clip/1"
 
@@ -122,15 +123,7 @@ def export_clip(model: nn.Module, model_name: str, model_cfg: dict[str, Any], pa
         "preprocess_cfg": preprocess_cfg,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_save(payload, path)
 
 
 register_small_clips()  # so open_clip.create_model / get_tokenizer know the names as soon as this is imported

@@ -10,7 +10,6 @@ x_t = a_t x0 + s_t eps, v = a_t eps - s_t x0 (Salimans & Ho 2022).
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .respace import space_timesteps
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -65,6 +66,8 @@ class StageModule(pl.LightningModule):
         model: the stage model from ``unclip_pl.models`` (trainable); exposes ``loss(...)`` and ``sample(...)``.
         optimizer: a partial optimiser constructor (Hydra ``_partial_: true``), called with parameter groups.
         warmup_steps: linear learning-rate warm-up length in optimiser steps (0 for none).
+        lr_schedule: ``"constant"`` after warm-up, or ``"cosine"`` decay to ``min_lr_ratio`` x lr over the run's
+            estimated optimiser steps (constant when Lightning cannot estimate them, e.g. unsized loaders).
         ema_decay: decay of the weight EMA used for validation and sampling; ``None`` disables it.
         clip: optional frozen CLIP used to encode captions/images on the fly. Registered (so it moves with the module)
             but stripped from checkpoints: it is rebuilt from its own config.
@@ -77,11 +80,17 @@ class StageModule(pl.LightningModule):
         warmup_steps: int = 0,
         ema_decay: float | None = 0.999,
         clip: nn.Module | None = None,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
     ):
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.model = model
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4)
         self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
         self.ema = EMA(model, ema_decay) if ema_decay is not None else None
         self.clip = clip
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, set by unclip_pl.train
@@ -116,14 +125,23 @@ class StageModule(pl.LightningModule):
             self.ema.update(self.model)
 
     def configure_optimizers(self):
-        wd = self.optimizer_factory.keywords.get("weight_decay", 0.0) if isinstance(
-            self.optimizer_factory, functools.partial) else 0.0
-        optimizer = self.optimizer_factory(param_groups(self.model, wd))
-        if self.warmup_steps <= 0:
+        factory = self.optimizer_factory
+        wd = factory.keywords.get("weight_decay", 0.0) if isinstance(factory, functools.partial) else 0.0
+        optimizer = factory(param_groups(self.model, wd))
+        total = self._estimated_steps() if self.lr_schedule == "cosine" else None
+        if self.warmup_steps <= 0 and total is None:
             return optimizer
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        lr_lambda = functools.partial(warmup_cosine, warmup=self.warmup_steps, total=total,
+                                      min_ratio=self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _estimated_steps(self) -> int | None:
+        try:
+            est = self.trainer.estimated_stepping_batches
+        except Exception:  # no trainer attached, or an unsized loader
+            return None
+        return int(est) if est is not None and math.isfinite(est) else None
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -140,6 +158,16 @@ class StageModule(pl.LightningModule):
     def state_dict_for_export(self) -> dict[str, torch.Tensor]:
         """The weights a pipeline needs: the EMA model when present, else the trained model."""
         return self.eval_model.state_dict()
+
+
+def warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` at ``total`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total is None or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _batch_size(batch: Any) -> int | None:

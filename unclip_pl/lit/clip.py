@@ -8,8 +8,6 @@ for every later stage.
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Callable
 
 import torch
@@ -17,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from unclip_pl.clip.contrastive import ContrastiveCLIP
 from unclip_pl.clip.small import DEFAULT_SMALL, export_clip
-from unclip_pl.lit.base import StageModule, param_groups
+from unclip_pl.lit.base import StageModule
 from unclip_pl.metrics.retrieval import caption_groups, clip_retrieval
 
 
@@ -52,45 +50,15 @@ class CLIPModule(StageModule):
         trim_text: bool = True,
         ema_decay: float | None = None,
     ):
-        if lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         model = ContrastiveCLIP(model_name, model_cfg, trim_text=trim_text)
-        super().__init__(model=model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay)
-        self.lr_schedule = lr_schedule
-        self.min_lr_ratio = min_lr_ratio
+        super().__init__(model=model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay,
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
         self.export_path = str(export_path) if export_path else None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model.loss(batch)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # Same logs as StageModule.training_step, but `train/loss` logged once (Lightning refuses the same key logged
-        # twice with different prog_bar settings in one step).
-        out = self.compute_loss(batch)
-        bs = int(batch["image"].shape[0])
-        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=bs)
-        return out["loss"]
-
-    def configure_optimizers(self):
-        factory = self.optimizer_factory
-        wd = factory.keywords.get("weight_decay", 0.0) if isinstance(factory, functools.partial) else 0.0
-        optimizer = factory(param_groups(self.model, wd))
-        total = None
-        if self.lr_schedule == "cosine":
-            try:
-                est = self.trainer.estimated_stepping_batches
-                total = int(est) if est is not None and math.isfinite(est) else None
-            except Exception:  # noqa: BLE001 -- no trainer / unsized loader
-                total = None
-        if self.warmup_steps <= 0 and total is None:
-            return optimizer
-        lr_lambda = functools.partial(_warmup_cosine, warmup=self.warmup_steps, total=total,
-                                      min_ratio=self.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -146,13 +114,3 @@ class CLIPModule(StageModule):
             path = self.export(self.export_path)
             rank_zero_info(f"[clip] exported trained CLIP to {path} "
                            f"(load with clip.loader.checkpoint={path})")
-
-
-def _warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio`` at ``total`` (or constant)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if total is None or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

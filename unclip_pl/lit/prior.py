@@ -111,15 +111,6 @@ class PriorModule(StageModule):
         img_emb, txt_emb, tokens, mask = self._inputs(batch)
         return self.model.loss(img_emb, txt_emb, tokens, mask)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # Same logs as StageModule.training_step, but "train/loss" logged once (the base logs it twice with different
-        # arguments, which Lightning rejects).
-        out = self.compute_loss(batch)
-        bs = batch["img_emb"].shape[0]
-        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=bs)
-        return out["loss"]
-
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = []
