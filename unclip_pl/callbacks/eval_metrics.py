@@ -72,7 +72,7 @@ class EvalMetricsCallback(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.at_fit_end and trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module, log_metrics=False)
+            self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------ evaluation
     def _ready(self, pl_module) -> bool:
@@ -133,9 +133,9 @@ class EvalMetricsCallback(pl.Callback):
         self._last_step = trainer.global_step
         metrics, real, fake = self.compute(pl_module)
         self.last_metrics = metrics
-        if log_metrics:
-            pl_module.log_dict(metrics, rank_zero_only=True)
-        else:  # hooks outside steps cannot use self.log: send straight to the loggers
+        # Straight to the loggers, once: values passed to self.log in a train-batch hook would be re-emitted (stale)
+        # at every later logging step, and fit-end hooks cannot use self.log at all.
+        if log_metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.is_global_zero:
