@@ -246,9 +246,10 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def data_batch_size(cfg: DictConfig, stage: str) -> int:
-    """Per-device batch: ``data.batch_size`` when set, else the stage's recommended ``batch_size``, else 64."""
-    return int(cfg.data.get("batch_size") or stage_config(cfg, stage).get("batch_size") or 64)
+def data_batch_size(cfg: DictConfig, stage: str) -> int | None:
+    """Per-device batch: ``data.batch_size`` when set, else the stage's recommended ``batch_size`` (else the data
+    module's default)."""
+    return cfg.data.get("batch_size") or stage_config(cfg, stage).get("batch_size")
 
 
 def build_trainer(cfg: DictConfig, stage: str) -> pl.Trainer:

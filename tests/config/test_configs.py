@@ -92,7 +92,7 @@ def test_missing_required_value_names_the_key(tmp_path):
 
 
 def _train_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_typo_in_group_option_lists_choices():

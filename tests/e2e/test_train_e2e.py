@@ -27,7 +27,7 @@ def tiny_clip_overrides(ckpt: Path) -> list[str]:
             "clip.train.module.warmup_steps=1"]
 
 
-FAST = ["trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=2", "logger=csv"]
+FAST = ["trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.every_n_train_steps=2", "logger=csv"]
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,14 @@ def _env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+DEFAULT_BATCH_SIZE = 64  # per device, when neither data.batch_size nor the stage recommends one
+
 class ShardDataModule(pl.LightningDataModule):
     """Train/val batches from webdataset shards (format: ``/work/contract.md``, "Batch format").
 
     Args:
         train_urls / val_urls: shard specs (brace patterns, globs, lists, directories, ``pipe:``/fsspec URLs).
-        batch_size / val_batch_size: samples per batch (val defaults to ``batch_size``).
+        batch_size / val_batch_size: samples per batch (``None``: 64; val defaults to ``batch_size``).
         num_workers: DataLoader workers (capped at the number of shards each rank reads).
         image_size: output image side (shorter-side resize + crop).
         needs: batch keys to deliver, subset of {"image", "txt", "tokens", "img_emb", "txt_emb"}; settable
@@ -61,15 +63,15 @@ class ShardDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, train_urls: str | Sequence[str] | None = None, val_urls: str | Sequence[str] | None = None,
-                 batch_size: int = 32, val_batch_size: int | None = None, num_workers: int = 2,
+                 batch_size: int | None = None, val_batch_size: int | None = None, num_workers: int = 2,
                  image_size: int = 64, needs: Iterable[str] = ("image", "txt"), tokenizer: Callable | None = None,
                  shuffle_buffer: int = 1000, resampled: bool = False, epoch_length: int | None = None,
                  random_crop: bool = False, pin_memory: bool | None = None, persistent_workers: bool = True,
                  seed: int = 0, embed_cache_dir: str | None = None, embed_batch_size: int = 256):
         super().__init__()
         self.train_urls, self.val_urls = train_urls, val_urls
-        self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size or batch_size)
+        self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
+        self.val_batch_size = int(val_batch_size or self.batch_size)
         self.num_workers = int(num_workers)
         self.image_size = int(image_size)
         self.needs = tuple(needs)
