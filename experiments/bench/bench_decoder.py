@@ -20,7 +20,6 @@ Writes a markdown table into the "## Decoder and upsamplers" section of experime
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import time
 from pathlib import Path
@@ -33,46 +32,10 @@ from unclip_pl.diffusion import GaussianDiffusion, get_betas
 from unclip_pl.models.decoder import Decoder
 from unclip_pl.models.upsampler import Upsampler
 from unclip_pl.nets.unet import UNet
+from benchlib import device_name, matmul_peak, timed, write_section  # this folder (scripts run as files)
 
 SECTION = "## Decoder and upsamplers"
 HERE = Path(__file__).resolve().parent
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, iters: int, warmup: int, device: torch.device) -> float:
-    """Mean seconds per call of fn() after warm-up, with device syncs only around the timed block."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / iters
-
-
-def matmul_peak(n: int, device: torch.device, iters: int) -> float:
-    """Measured bf16 matmul rate (TFLOP/s) of an n x n x n product."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    sec = timed(lambda: a @ b, iters, max(1, iters // 4), device)
-    return 2 * n ** 3 / sec / 1e12
 
 
 def reset_peak(device):
@@ -182,17 +145,6 @@ def bench_upsampler_train(args, device, compile_net) -> dict:
     return out
 
 
-def write_section(readme: Path, body: str) -> None:
-    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    readme.write_text(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -300,7 +252,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if str(args.out) != "-":
-        write_section(args.out, body)
+        write_section(args.out, SECTION, body)
 
 
 if __name__ == "__main__":
