@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import compose  # noqa: F401  (re-exported for the tests of this folder)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,24 +97,6 @@ def write_lightning_ckpt(path: Path, cfg: dict, model: torch.nn.Module, ema_mode
     torch.save({"epoch": 0, "global_step": 7, "pytorch-lightning_version": "2.x", "state_dict": sd,
                 "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [], "cfg": cfg}, path)
     return path
-
-
-def compose(overrides: list[str], output_dir: Path | str, config_name: str):
-    """Compose a real entry config (``sample`` / ``eval``) as the script would, run dir = ``output_dir``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return cfg
 
 
 def build(model_cfg: dict):
