@@ -45,12 +45,22 @@ class EMA(nn.Module):
         super().__init__()
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # The count lives in a buffer (saved in checkpoints) and is mirrored on the host, so the per-step decay needs
+        # no device->host read; the mirror is refreshed once after a checkpoint load.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._host_updates: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_updates = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
-        n = float(self.num_updates.item())
+        if self._host_updates is None:
+            self._host_updates = int(self.num_updates)
+        self._host_updates += 1
+        self.num_updates.fill_(self._host_updates)
+        n = float(self._host_updates)
         decay = min(self.decay, (1.0 + n) / (10.0 + n))
         ema_params = [p for p in self.module.parameters()]
         params = [p.detach() for p in model.parameters()]
