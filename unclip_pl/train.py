@@ -208,6 +208,20 @@ def load_frozen_clip(cfg: DictConfig, trainer_cfg: DictConfig | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
+def clip_stage_tokenizer(cfg: DictConfig, module: Any) -> Any:
+    """The loader tokenizer of the CLIP stage: the trained architecture's own, trimming caption padding in the workers
+    when the module trims text and trimming is exact for its text tower."""
+    import open_clip
+
+    from unclip_pl.clip.frozen import TrimmingTokenizer, can_trim
+
+    tokenizer = open_clip.get_tokenizer(cfg.clip.loader.model_name)
+    model = getattr(module, "model", None)
+    if getattr(model, "trim_text", False) and can_trim(model.clip):
+        return TrimmingTokenizer(tokenizer)
+    return tokenizer
+
+
 def trainer_kwargs(cfg: DictConfig, stage: str) -> dict[str, Any]:
     """``cfg.trainer`` with nulls filled from the stage's recommended ``trainer:`` block, remaining nulls dropped."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -279,14 +293,12 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     if scfg.get("image_size"):
         datamodule.image_size = int(scfg.image_size)
     if clip is not None:
-        datamodule.tokenizer = clip.tokenizer
+        datamodule.tokenizer = clip.loader_tokenizer  # trims caption padding in the workers (exact; no GPU sync)
         datamodule.clip = clip
-    elif "tokens" in scfg.needs:  # the CLIP stage tokenises with the tokenizer of the model it trains
-        import open_clip
-
-        datamodule.tokenizer = open_clip.get_tokenizer(cfg.clip.loader.model_name)
 
     module = build_with_optional(scfg.module, f"{stage}.module", clip=clip)
+    if clip is None and "tokens" in scfg.needs:  # the CLIP stage tokenises for the model it trains
+        datamodule.tokenizer = clip_stage_tokenizer(cfg, module)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("compile"):
         compile_networks(module.model)

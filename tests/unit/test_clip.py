@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from unclip_pl.clip.frozen import CLIPLoadError, FrozenCLIP, TextEncoding, load_clip
+from unclip_pl.clip.frozen import CLIPLoadError, FrozenCLIP, TextEncoding, load_clip, trim_tokens
 from unclip_pl.clip.small import build_small_clip, export_clip, small_clip_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -55,11 +55,19 @@ def test_frozen_attributes_and_eval(frozen):
     assert frozen.fingerprint == frozen.fingerprint
 
 
-def test_tokenizer_picklable(frozen):
-    tok = pickle.loads(pickle.dumps(frozen.tokenizer))
-    assert torch.equal(tok(CAPTIONS), frozen.tokenize(CAPTIONS))
+def test_tokenizer_trims_on_cpu_and_pickles(frozen):
+    raw = frozen.tokenizer(CAPTIONS)
+    assert raw.dtype == torch.int64 and raw.shape == (4, 77)
+    longest = int(raw.argmax(-1).max()) + 1                 # start .. end token of the longest caption
     t = frozen.tokenize(CAPTIONS)
-    assert t.dtype == torch.int64 and t.shape == (4, 77)
+    assert t.shape == (4, -(-longest // 8) * 8) and t.shape[1] < 77  # rounded up to a multiple of 8
+    assert torch.equal(t, raw[:, :t.shape[1]]) and not raw[:, t.shape[1]:].any()  # only padding was cut
+    loader_tok = pickle.loads(pickle.dumps(frozen.loader_tokenizer))  # what loader workers get
+    assert torch.equal(loader_tok(CAPTIONS), t)
+    assert trim_tokens(raw[:, :longest + 1], multiple=8).shape[1] == longest + 1  # capped at the given length
+    frozen.trim = False
+    assert frozen.tokenize(CAPTIONS).shape == (4, 77)
+    frozen.trim = True
 
 
 def test_encode_image_resizes_and_normalises(frozen):
@@ -70,11 +78,11 @@ def test_encode_image_resizes_and_normalises(frozen):
 
 
 def test_encode_text_trimmed_equals_untrimmed(frozen, tiny_model):
-    tokens = frozen.tokenize(CAPTIONS)
+    tokens = frozen.tokenizer(CAPTIONS)  # untrimmed (B, 77): encode_text trims CPU tokens itself
     enc = frozen.encode_text(tokens)
     assert isinstance(enc, TextEncoding)
     n_real = tokens.argmax(-1) + 1  # start .. end token
-    assert enc.tokens.shape == (4, int(n_real.max()), 48) and enc.tokens.shape[1] < 77
+    assert enc.tokens.shape == (4, -(-int(n_real.max()) // 8) * 8, 48) and enc.tokens.shape[1] < 77
     assert torch.equal(enc.mask.sum(-1), n_real)
     torch.testing.assert_close(enc.emb.norm(dim=-1), torch.ones(4))
     frozen.trim = False
@@ -108,7 +116,7 @@ def test_load_plain_state_dict(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
     loaded = load_clip("unclip-tiny", checkpoint=path)
-    tokens = loaded.tokenize(["red heart"])
+    tokens = loaded.tokenizer(["red heart"])  # full context length, as open_clip's own encode_text needs
     torch.testing.assert_close(loaded.encode_text(tokens).emb, model.encode_text(tokens, normalize=True))
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import open_clip
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from unclip_pl.clip.frozen import load_clip
+from unclip_pl.clip.frozen import load_clip, trim_tokens
 from unclip_pl.lit.base import warmup_cosine
 from unclip_pl.lit.clip import CLIPModule
 
@@ -86,6 +87,33 @@ def test_trimmed_training_loss_equals_untrimmed(tmp_path):
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
 
 
+def _trimming_collate(items):
+    batch = default_collate(items)
+    batch["tokens"] = trim_tokens(batch["tokens"])  # what the loader's TrimmingTokenizer does in the workers
+    return batch
+
+
+def test_validation_with_per_batch_trimmed_tokens(tmp_path):
+    """Loader-trimmed val batches have different token lengths; validation pads them back and gets the same
+    retrieval metrics as untrimmed batches."""
+    data = PairSet(n=24)
+    data.txt[3] = "a much longer caption " * 3 + data.txt[3]
+    data.tokens = open_clip.SimpleTokenizer()(data.txt)
+    lengths = {b["tokens"].shape[1] for b in DataLoader(data, batch_size=8, collate_fn=_trimming_collate)}
+    assert len(lengths) > 1
+    metrics = []
+    for collate in (_trimming_collate, default_collate):
+        torch.manual_seed(0)
+        module = _module(tmp_path)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.validate(module, DataLoader(data, batch_size=8, collate_fn=collate), verbose=False)
+        metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+    assert metrics[0]["val/n_samples"] == 24
+    for key in ("val/i2t_top1", "val/i2t_top5", "val/t2i_top1", "val/t2i_top5"):
+        assert metrics[0][key] == pytest.approx(metrics[1][key]), key
+
+
 def test_logit_scale_clamped(tmp_path):
     module = _module(tmp_path)
     with torch.no_grad():
@@ -99,3 +127,17 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(9, warmup=10, total=100, min_ratio=0.1) == pytest.approx(1.0)
     assert warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine(50, warmup=10, total=None, min_ratio=0.1) == 1.0
+
+
+def test_clip_stage_loader_tokenizer_trims_only_when_exact(tmp_path):
+    from omegaconf import OmegaConf
+
+    from unclip_pl.clip.frozen import TrimmingTokenizer
+    from unclip_pl.train import clip_stage_tokenizer
+
+    cfg = OmegaConf.create({"clip": {"loader": {"model_name": "unclip-tiny"}}})
+    assert isinstance(clip_stage_tokenizer(cfg, _module(tmp_path)), TrimmingTokenizer)
+    assert not isinstance(clip_stage_tokenizer(cfg, _module(tmp_path, trim_text=False)), TrimmingTokenizer)
+    non_causal = dict(TINY_CFG, text_cfg={**TINY_CFG["text_cfg"], "no_causal_mask": True, "pool_type": "first"})
+    module = CLIPModule(model_cfg=non_causal)
+    assert not isinstance(clip_stage_tokenizer(cfg, module), TrimmingTokenizer)  # padding changes its outputs

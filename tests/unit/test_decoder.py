@@ -38,7 +38,8 @@ def batch(B=4):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(B, 3, 16, 16, generator=g) * 2 - 1
     emb = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
-    tokens = torch.randint(1, 100, (B, 12), generator=g)
+    tokens = torch.randint(0, 99, (B, 12), generator=g)
+    tokens[:, 7] = 99  # end token (the largest id, as in CLIP); 0 before it is a real token
     tokens[:, 8:] = 0
     return images, emb, tokens
 
@@ -177,3 +178,15 @@ def test_paper_decoder_one_step(tmp_path):
             if p.grad is not None:
                 p.add_(p.grad, alpha=-1e-4)
     assert torch.isfinite(loss)
+
+
+def test_text_encoder_masks_by_end_token_and_ignores_padding():
+    torch.manual_seed(0)
+    te = TextEncoder(vocab_size=100, context_length=12, width=W, layers=2, heads=2).eval()
+    tokens = torch.tensor([[98, 0, 5, 0, 99, 0, 0, 0]])   # start, "!" (id 0), a word, "!", end, then padding
+    states, mask = te(tokens)
+    assert mask.tolist() == [[True] * 5 + [False] * 3]    # the 0s inside the caption are real tokens
+    longer = torch.cat([tokens, torch.zeros(1, 4, dtype=torch.long)], dim=1)  # more padding: same real states
+    states2, mask2 = te(longer)
+    torch.testing.assert_close(states2[:, :5], states[:, :5])
+    assert mask2[:, 5:].sum() == 0

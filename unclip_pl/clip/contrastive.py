@@ -22,7 +22,8 @@ class ContrastiveCLIP(nn.Module):
     Args:
         model_name: small config name (``unclip-tiny``) the overrides apply to; also stored in the export.
         model_cfg: open_clip model config overrides (``embed_dim``, ``vision_cfg``, ``text_cfg`` dicts).
-        trim_text: trim caption tokens to the longest caption in the batch (exact; about halves text-tower cost).
+        trim_text: trim caption padding of CPU token batches (the CLIP stage's loader trims in its workers; exact
+            for causal text towers; about halves text-tower cost).
         gather: with torch.distributed initialised and world size > 1, compute the loss against the features of all
             ranks (differentiable all-gather), as in CLIP.
     """

@@ -2,8 +2,9 @@
 
 ``FrozenCLIP`` wraps an open_clip ``CLIP`` (or ``CustomTextCLIP`` with an open_clip text transformer):
 always ``eval()`` with ``requires_grad_(False)``; images in [-1, 1] are resized and normalised inside;
-the text tower is run here module by module so per-token states come out too, trimmed to the longest caption in the
-batch (exact: the causal mask means no real token attends to padding, and the pooled token is the end token).
+the text tower is run here module by module so per-token states come out too. Captions are trimmed to the longest one
+in the batch, on the CPU when tokenising (exact: the causal mask means no real token attends to padding, and the pooled
+token is the end token); the training step itself never reads lengths back from the GPU.
 
 ``load_clip`` builds one from (a) an open_clip name + pretrained tag (real open_clip download / cache, failing at once
 when offline and not cached), or (b) a local checkpoint file (an open_clip state dict, or a file written by
@@ -85,20 +86,48 @@ def can_trim(model: nn.Module) -> bool:
     return getattr(tower, "attn_mask", None) is not None and pool == "argmax" and getattr(tower, "cls_emb", None) is None
 
 
+TRIM_MULTIPLE = 8  # trimmed caption lengths are rounded up to this: few distinct shapes (torch.compile), aligned
+
+
+def trim_tokens(tokens: torch.Tensor, multiple: int = TRIM_MULTIPLE) -> torch.Tensor:
+    """(B, L) token ids -> (B, L') with the padding after the longest caption cut, L' = its length (start .. end
+    token) rounded up to ``multiple`` and capped at L. Reads the lengths back to the host: call it on CPU tensors
+    (in the loader, when tokenising), never on device tensors inside a training step."""
+    if tokens.numel() == 0:
+        return tokens
+    need = int(tokens.argmax(dim=-1).max()) + 1
+    length = min(tokens.shape[1], -(-need // multiple) * multiple)
+    return tokens[:, :length]
+
+
+class TrimmingTokenizer:
+    """Picklable ``list[str] -> (B, L')`` tokenizer for loader workers: the wrapped tokenizer, then
+    :func:`trim_tokens` on the CPU. Use it only for text towers where :func:`can_trim` holds."""
+
+    def __init__(self, tokenizer: Any, multiple: int = TRIM_MULTIPLE):
+        self.tokenizer = tokenizer
+        self.multiple = int(multiple)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        return trim_tokens(torch.as_tensor(self.tokenizer(list(texts)), dtype=torch.long), self.multiple)
+
+
 def encode_text_tokens(model: nn.Module, tokens: torch.Tensor, trim: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run an open_clip text tower keeping per-token states.
 
     tokens: (B, L) int64, open_clip SimpleTokenizer ids (start .. end token, 0-padded; id 0 is also a real BPE token,
-    so real tokens are found by position: up to the end token = argmax id).
+    so real tokens are found by position: up to the end token = argmax id). L may be shorter than the context length.
+    trim: when ``tokens`` is on the CPU and trimming is exact for this tower, cut the padding first (:func:`trim_tokens`).
+    Device tensors are used at the length given, with no host sync: trim them on the CPU beforehand (the loaders do,
+    with :class:`TrimmingTokenizer`).
     Returns (pooled (B, D) NOT normalised, states (B, L', W) after ln_final, mask (B, L') bool).
     """
     tower = text_tower(model)
-    eot = tokens.argmax(dim=-1)  # (B,) end-token position
+    if trim and tokens.device.type == "cpu" and can_trim(model):
+        tokens = trim_tokens(tokens)
     length = tokens.shape[1]
-    if trim and can_trim(model):
-        length = int(eot.max().item()) + 1
-    tokens = tokens[:, :length]
+    eot = tokens.argmax(dim=-1)  # (B,) end-token position
     transformer = tower.transformer
     cast_dtype = transformer.get_cast_dtype() if hasattr(transformer, "get_cast_dtype") else torch.float32
     x = tower.token_embedding(tokens).to(cast_dtype)  # (B, L', W)
@@ -159,6 +188,7 @@ class FrozenCLIP(nn.Module):
         self.std = tuple(float(v) for v in pp.get("std", OPENAI_STD))
         self.interpolation = str(pp.get("interpolation", "bicubic"))
         self.trim = trim
+        self._can_trim = can_trim(model)
         with torch.no_grad():
             probe = torch.zeros(1, self.context_length, dtype=torch.long)
             probe[0, 0], probe[0, 1] = 1, 2
@@ -189,10 +219,16 @@ class FrozenCLIP(nn.Module):
 
     # -- encoders -------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str] | str) -> torch.Tensor:
-        """list[str] -> (B, L) int64 token ids (on CPU)."""
+        """list[str] -> (B, L') int64 token ids on the CPU, trimmed after the longest caption where that is exact
+        (:func:`trim_tokens`; L' <= context length)."""
         if isinstance(texts, str):
             texts = [texts]
-        return self.tokenizer(list(texts))
+        return self.loader_tokenizer(list(texts))
+
+    @property
+    def loader_tokenizer(self) -> Any:
+        """Picklable ``list[str] -> (B, L')`` tokenizer for data loaders (trimming where exact)."""
+        return TrimmingTokenizer(self.tokenizer) if self.trim and self._can_trim else self.tokenizer
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -205,7 +241,9 @@ class FrozenCLIP(nn.Module):
         """tokens (B, L) int64 (or a list of captions) -> TextEncoding(emb (B, D), tokens (B, L', W), mask (B, L'))."""
         if not isinstance(tokens, torch.Tensor):
             tokens = self.tokenize(tokens)
-        pooled, states, mask = encode_text_tokens(self.model, tokens.to(self.device), trim=self.trim)
+        if self.trim and self._can_trim and tokens.device.type == "cpu":
+            tokens = trim_tokens(tokens)  # on the CPU, before the copy: free here, a host sync on the GPU
+        pooled, states, mask = encode_text_tokens(self.model, tokens.to(self.device), trim=False)
         return TextEncoding(emb=F.normalize(pooled.float(), dim=-1), tokens=states.float(), mask=mask)
 
     def extra_repr(self) -> str:

@@ -145,7 +145,7 @@ class ShardDataModule(pl.LightningDataModule):
         needs = self._check_needs()
         tokenizer = self.tokenizer
         if "tokens" in needs and tokenizer is None and self.clip is not None:
-            tokenizer = self.clip.tokenize
+            tokenizer = getattr(self.clip, "loader_tokenizer", None) or self.clip.tokenize
         common = dict(needs=needs, image_size=self.image_size, tokenizer=tokenizer, seed=self.seed)
         if stage in (None, "fit") and self.train_urls is not None:
             urls = self._urls("train")

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 
 from unclip_pl.clip.contrastive import ContrastiveCLIP
+from unclip_pl.clip.frozen import text_tower
 from unclip_pl.clip.small import DEFAULT_SMALL, export_clip
 from unclip_pl.lit.base import StageModule
 from unclip_pl.metrics.retrieval import caption_groups, clip_retrieval
@@ -32,7 +34,7 @@ class CLIPModule(StageModule):
         lr_schedule: ``"cosine"`` (decay to ``min_lr_ratio`` x lr over the run's estimated steps, when Lightning can
             estimate them) or ``"constant"`` after warm-up.
         export_path: where to write the trained CLIP at fit end (None: no export).
-        trim_text: trim caption tokens to the longest caption in the batch (exact; cheaper text tower).
+        trim_text: tokenise with caption padding trimmed in the loader (exact for causal text towers; cheaper).
         ema_decay: weight EMA (None by default: short runs).
     Batch: ``image`` (B, 3, H, W) in [-1, 1], ``tokens`` (B, L) int64; ``txt`` is not needed (captions are
     de-duplicated by their token ids).
@@ -55,6 +57,7 @@ class CLIPModule(StageModule):
                          lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
         self.export_path = str(export_path) if export_path else None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._context_length = int(text_tower(model.clip).positional_embedding.shape[0])
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -70,7 +73,9 @@ class CLIPModule(StageModule):
         txt = model.encode_text(batch["tokens"])
         out = model.contrastive_loss(img, txt, gather=False)
         self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, batch_size=img.shape[0])
-        self._val_outputs.append((img.float().cpu(), txt.float().cpu(), batch["tokens"].cpu()))
+        tokens = batch["tokens"].cpu()  # trimmed per batch by the loader: pad back to one length to concatenate
+        tokens = F.pad(tokens, (0, self._context_length - tokens.shape[1]))
+        self._val_outputs.append((img.float().cpu(), txt.float().cpu(), tokens))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:

@@ -1,7 +1,7 @@
 """GLIDE-style caption encoder trained together with the decoder.
 
-A pre-LayerNorm Transformer over CLIP token ids (open_clip SimpleTokenizer ids, 0 = padding). Attention is
-bidirectional with padding keys masked out; the per-token states (after a final LayerNorm) become the decoder's
+A pre-LayerNorm Transformer over CLIP token ids (open_clip SimpleTokenizer ids: start token .. end token, then
+0-padding). Attention is bidirectional with padding keys masked out; the per-token states (after a final LayerNorm) become the decoder's
 context sequence. The alternative is the frozen CLIP's per-token outputs (``FrozenCLIP.encode_text``), selected in
 the decoder config.
 """
@@ -39,19 +39,20 @@ class TextEncoder(nn.Module):
         vocab_size: token vocabulary (49408 for the CLIP BPE).
         context_length: maximum caption length L (positional embeddings).
         width, layers, heads: Transformer shape (paper decoder: 2048 / 24 / 32 with context 256).
-        pad_id: padding token id (masked out of attention and of the returned mask).
+
+    Real tokens are found by position, up to the end token (the largest id, as in CLIP): id 0 is padding but also a
+    real BPE token ("!"), so ``tokens != 0`` would mask real punctuation.
 
     ``forward(tokens (B, L') int64, L' <= context_length) -> (states (B, L', width), mask (B, L') bool)``.
     """
 
     def __init__(self, vocab_size: int = 49408, context_length: int = 77, width: int = 512, layers: int = 4,
-                 heads: int = 8, pad_id: int = 0):
+                 heads: int = 8):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} not divisible by heads {heads}")
         self.context_length = context_length
         self.width = width
-        self.pad_id = pad_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = nn.ModuleList([_Block(width, heads) for _ in range(layers)])
@@ -62,10 +63,9 @@ class TextEncoder(nn.Module):
         B, L = tokens.shape
         if L > self.context_length:
             raise ValueError(f"caption length {L} exceeds the text encoder's context length {self.context_length}")
-        mask = tokens != self.pad_id                                         # (B, L)
-        keys = mask.clone()
-        keys[:, 0] = True                                                    # never a fully masked row
-        attn_mask = keys[:, None, None, :]                                   # (B, 1, 1, L)
+        eot = tokens.argmax(dim=-1)                                          # (B,) end-token position
+        mask = torch.arange(L, device=tokens.device)[None, :] <= eot[:, None]  # (B, L), never all False
+        attn_mask = mask[:, None, None, :]                                   # (B, 1, 1, L)
         x = self.token_embedding(tokens) + self.positional_embedding[:L]
         for block in self.blocks:
             x = block(x, attn_mask)
