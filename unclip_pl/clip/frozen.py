@@ -118,7 +118,8 @@ def encode_text_tokens(model: nn.Module, tokens: torch.Tensor, trim: bool = True
 
     tokens: (B, L) int64, open_clip SimpleTokenizer ids (start .. end token, 0-padded; id 0 is also a real BPE token,
     so real tokens are found by position: up to the end token = argmax id). L may be shorter than the context length.
-    trim: when ``tokens`` is on the CPU and trimming is exact for this tower, cut the padding first (:func:`trim_tokens`).
+    trim: when ``tokens`` is on the CPU and trimming is exact for this tower, cut the padding first
+    (:func:`trim_tokens`).
     Device tensors are used at the length given, with no host sync: trim them on the CPU beforehand (the loaders do,
     with :class:`TrimmingTokenizer`).
     Returns (pooled (B, D) NOT normalised, states (B, L', W) after ln_final, mask (B, L') bool).
