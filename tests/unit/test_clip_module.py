@@ -141,3 +141,55 @@ def test_clip_stage_loader_tokenizer_trims_only_when_exact(tmp_path):
     non_causal = dict(TINY_CFG, text_cfg={**TINY_CFG["text_cfg"], "no_causal_mask": True, "pool_type": "first"})
     module = CLIPModule(model_cfg=non_causal)
     assert not isinstance(clip_stage_tokenizer(cfg, module), TrimmingTokenizer)  # padding changes its outputs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, *args):
+    from unit.dist_contrastive_worker import rank_main
+
+    rank_main(rank, world, port, *args)
+
+
+@pytest.mark.parametrize("pad_to", [None, 8])
+def test_two_rank_gather_equals_one_big_batch(tmp_path, pad_to):
+    """2 gloo ranks with uneven batches (5 + 3): each rank's loss is the single-process loss of its rows against the
+    whole batch, and the gathered gradients sum to the single-process ones; pad_to (no host sync) changes nothing."""
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+    import torch.nn.functional as F
+
+    from unclip_pl.clip.contrastive import ContrastiveCLIP
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(8, 8, generator=g), dim=-1)
+    txt = F.normalize(img + 0.5 * torch.randn(8, 8, generator=g), dim=-1)
+    cut = 5
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    mp.spawn(_rank_main, args=(2, _free_port(), img, txt, cut, pad_to, str(tmp_path)), nprocs=2, join=True)
+
+    torch.manual_seed(0)  # the same weights (logit scale) as in the workers
+    ref = ContrastiveCLIP(model_cfg={"embed_dim": 8, "vision_cfg": {"image_size": 16, "width": 16, "layers": 1,
+                                     "head_width": 8, "patch_size": 8},
+                                     "text_cfg": {"width": 16, "heads": 2, "layers": 1}})
+    i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    scale = ref.clip.logit_scale.exp().detach()
+    labels = torch.arange(8)
+    per_row = 0.5 * (F.cross_entropy(scale * i @ t.T, labels, reduction="none")
+                     + F.cross_entropy(scale * t @ i.T, labels, reduction="none"))
+    per_row.sum().backward()
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.testing.assert_close(res[0]["loss"], per_row[:cut].mean().detach())
+    torch.testing.assert_close(res[1]["loss"], per_row[cut:].mean().detach())
+    torch.testing.assert_close(torch.cat([res[0]["gi"], res[1]["gi"]]), i.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([res[0]["gt"], res[1]["gt"]]), t.grad, atol=1e-5, rtol=1e-4)

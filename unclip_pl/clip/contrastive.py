@@ -54,25 +54,34 @@ class ContrastiveCLIP(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
-    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """batch: image (B, 3, H, W) in [-1, 1], tokens (B, L). Returns loss, acc (in-batch i2t top-1), logit_scale."""
+    def loss(self, batch: dict[str, Any], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """batch: image (B, 3, H, W) in [-1, 1], tokens (B, L). Returns loss, acc (in-batch i2t top-1), logit_scale.
+        ``pad_to``: see :meth:`contrastive_loss`."""
         with torch.no_grad():  # CLIP's clamp of the temperature (the parameter itself, as open_clip does)
             self.clip.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         img = self.encode_image(batch["image"])
         txt = self.encode_text(batch["tokens"])
-        return self.contrastive_loss(img, txt)
+        return self.contrastive_loss(img, txt, pad_to=pad_to)
 
-    def contrastive_loss(self, img: torch.Tensor, txt: torch.Tensor, gather: bool | None = None
-                         ) -> dict[str, torch.Tensor]:
-        """img, txt: (B, D) unit-norm paired features -> symmetric InfoNCE (with ``gather``, default ``self.gather``,
-        every rank's features are negatives: then every rank must call it, B may differ)."""
+    def contrastive_loss(self, img: torch.Tensor, txt: torch.Tensor, gather: bool | None = None,
+                         pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """img, txt: (B, D) unit-norm paired features -> symmetric InfoNCE.
+
+        With ``gather`` (default ``self.gather``) and several ranks, every rank's features are negatives; then every
+        rank must call it, and B may differ between ranks. ``pad_to`` (an upper bound on every rank's B, e.g. the
+        loader's batch size) makes the exchange free of host syncs: each rank sends ``pad_to`` rows and a validity
+        flag, and padded columns are masked out of the softmax. Without it the ranks first exchange their sizes and
+        read them back to the host (a sync per step on GPU)."""
         gather = self.gather if gather is None else gather
-        offset, all_img, all_txt = 0, img, txt
+        offset, all_img, all_txt, valid = 0, img, txt, None
         if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            offset, all_img, all_txt = _gather_features(img, txt)
+            offset, all_img, all_txt, valid = _gather_features(img, txt, pad_to)
         scale = self.clip.logit_scale.exp()
-        logits_i2t = scale * img @ all_txt.T  # (B, N) with N = B, or sum of B over ranks
+        logits_i2t = scale * img @ all_txt.T  # (B, N): N = B, the sum of B over ranks, or world * pad_to
         logits_t2i = scale * txt @ all_img.T
+        if valid is not None:  # padded rows of other ranks are no negatives
+            logits_i2t = logits_i2t.masked_fill(~valid, float("-inf"))
+            logits_t2i = logits_t2i.masked_fill(~valid, float("-inf"))
         labels = torch.arange(img.shape[0], device=img.device) + offset
         loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
         acc = (logits_i2t.argmax(dim=-1) == labels).float().mean()
@@ -82,21 +91,32 @@ class ContrastiveCLIP(nn.Module):
         return self.loss(batch)
 
 
-def _gather_features(img: torch.Tensor, txt: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Differentiable all-gather of (B_r, D) features from every rank (B_r may differ: padded then cut).
-    Returns (offset of this rank's rows, (sum B_r, D) images, (sum B_r, D) texts)."""
+def _gather_features(img: torch.Tensor, txt: torch.Tensor, pad_to: int | None = None
+                     ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Differentiable all-gather of (B_r, D) features from every rank.
+
+    With ``pad_to``: every rank sends ``pad_to`` rows plus a validity flag; no host sync. Returns (offset of this
+    rank's rows = rank * pad_to, (world * pad_to, D) images, texts, valid (world * pad_to,) bool).
+    Without: the sizes are exchanged and read back first; returns (offset, (sum B_r, D) images, texts, None)."""
     import torch.distributed.nn.functional as dist_fn
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    n = torch.tensor([img.shape[0]], device=img.device)
+    b, d = img.shape
+    both = torch.cat([img, txt], dim=-1)  # (B, 2D)
+    if pad_to is not None:
+        if b > pad_to:
+            raise ValueError(f"contrastive gather: local batch {b} is larger than pad_to={pad_to}")
+        flag = torch.ones(b, 1, dtype=both.dtype, device=both.device)
+        rows = F.pad(torch.cat([both, flag], dim=-1), (0, 0, 0, pad_to - b))  # (pad_to, 2D + 1), flag 0 on padding
+        full = torch.cat(dist_fn.all_gather(rows), dim=0)  # (world * pad_to, 2D + 1)
+        return rank * pad_to, full[:, :d], full[:, d:2 * d], full[:, -1] > 0.5
+    n = torch.tensor([b], device=img.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     sizes = [int(s.item()) for s in sizes]
-    pad = max(sizes) - img.shape[0]
-    both = torch.cat([img, txt], dim=-1)  # (B, 2D)
+    pad = max(sizes) - b
     if pad:
         both = torch.cat([both, both.new_zeros(pad, both.shape[1])], dim=0)
     parts = dist_fn.all_gather(both)
     full = torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
-    d = img.shape[1]
-    return sum(sizes[:rank]), full[:, :d], full[:, d:]
+    return sum(sizes[:rank]), full[:, :d], full[:, d:], None

@@ -58,10 +58,16 @@ class CLIPModule(StageModule):
         self.export_path = str(export_path) if export_path else None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._context_length = int(text_tower(model.clip).positional_embedding.shape[0])
+        self._gather_pad_to: int | None = None
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        # an upper bound on every rank's batch lets the multi-rank feature gather run without host syncs
+        batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        self._gather_pad_to = int(batch_size) if batch_size else None
+
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model.loss(batch)
+        return self.model.loss(batch, pad_to=self._gather_pad_to)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
