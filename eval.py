@@ -76,7 +76,7 @@ def generate(pipe, variant: str, captions: list[str], real: torch.Tensor | None,
         caps = captions[i:i + batch_size]
         seeds = [seed + i + j for j in range(len(caps))]
         if variant == "prior":
-            z = pipe.prior_embeddings(caps, seed=seeds[0])
+            z = pipe.prior_embeddings(caps, seeds)
         elif variant == "no_prior":
             z = pipe.embed_texts(caps)
         elif variant == "oracle":
@@ -121,7 +121,7 @@ def diversity_for(pipe, variant: str, captions: list[str], samples: int, seed: i
     rep = [c for c in captions for _ in range(samples)]
     seeds = [seed + 50_000 + i for i in range(len(rep))]
     if variant == "prior":
-        z = pipe.prior_embeddings(rep, seed=seeds[0])
+        z = pipe.prior_embeddings(rep, seeds)
     else:
         z = pipe.embed_texts(rep)
     images = pipe.decode(z, rep, seeds, upsample=upsample)

@@ -117,7 +117,7 @@ def mode_text(pipe, cfg, rec):
     seeds = [int(cfg.seed) + i for i in range(len(prompts) * n)]
     use_prior = bool(cfg.use_prior) and pipe.prior is not None
     images = pipe.text_to_image(prompts, n, seeds, use_prior=use_prior)
-    rec.update(captions=prompts, n=n, seeds=seeds, prior_seed=seeds[0], use_prior=use_prior,
+    rec.update(captions=prompts, n=n, seeds=seeds, use_prior=use_prior,
                layout="one row per caption")
     return images, n
 
@@ -180,7 +180,7 @@ def mode_guidance(pipe, cfg, rec):
         if not prompts:
             raise SampleError('mode=guidance needs prompt="..." (z_i from the prior) or image=...')
         captions = [prompts[0]] * n
-        z = pipe.prior_embeddings(captions, seed=seeds[0]) if pipe.prior is not None else pipe.embed_texts(captions)
+        z = pipe.prior_embeddings(captions, seeds) if pipe.prior is not None else pipe.embed_texts(captions)
         rec["z_i"] = "prior samples" if pipe.prior is not None else "CLIP text embedding (no prior)"
     out = pipe.guidance_sweep(z, captions, scales, seeds)  # (S, n, 3, H, W)
     rec.update(scales=scales, seeds=seeds, captions=captions[:1], layout="one row per guidance scale")

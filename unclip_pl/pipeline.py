@@ -2,10 +2,11 @@
 
 Every method takes and returns images as float tensors (B, 3, H, W) in [-1, 1] and embeddings as unit-norm (B, D).
 
-Seeding: the decoder's and each upsampler's starting noise is drawn per image from its seed (image i depends only on
-seeds[i], so a row with one repeated seed shares its noise); the prior draws its candidates for a whole call from one
-generator seeded with the call's first seed; stochastic steps (DDPM, DDIM with eta > 0) draw from a generator seeded
-the same way. Identical calls give identical images.
+Seeding: every stage draws its starting noise per item from that item's seed, in its own stream
+(:func:`stage_seeds`: the decoder uses the seed itself, the prior and each upsampler the seed plus a multiple of
+2**32, so no two stages share noise). With deterministic samplers (DDIM eta = 0, DPM-Solver++) image i depends only on
+seeds[i] and its caption, not on the rest of the batch; a row with one repeated seed shares its noise. Stochastic steps
+(DDPM, DDIM with eta > 0) draw from a generator seeded by the batch's seeds. Identical calls give identical images.
 
 Decoder caption input: token ids from ``clip.tokenize`` through the decoder's own text encoder, or the frozen CLIP's
 per-token states when the decoder has none (``text_source="clip"``). A caption of ``None`` means "no caption": the
@@ -130,6 +131,13 @@ def default_seeds(n: int, start: int = 0) -> list[int]:
     return [start + i for i in range(n)]
 
 
+def stage_seeds(seeds: Sequence[int], stage: str, index: int = 0) -> list[int]:
+    """The seeds a stage draws its noise from: ``seed + stream * 2**32`` with stream 0 for the decoder (its seeds are
+    the user's), 1 for the prior and 2 + j for upsampler j; distinct across stages for any seeds in [0, 2**32)."""
+    stream = {"decoder": 0, "prior": 1, "upsampler": 2 + int(index)}[stage]
+    return [int(s) + stream * 2 ** 32 for s in seeds]
+
+
 # ----------------------------------------------------------------------------------------------------------- pipeline
 class UnCLIPPipeline:
     """Frozen CLIP + (optional) prior + decoder + upsamplers, each with its own sampler settings.
@@ -230,8 +238,9 @@ class UnCLIPPipeline:
 
     # ------------------------------------------------------------------ prior
     @torch.no_grad()
-    def prior_embeddings(self, captions: Sequence[str], seed: int = 0) -> torch.Tensor:
-        """Sample z_i for each caption with the prior: (B, D) unit norm."""
+    def prior_embeddings(self, captions: Sequence[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Sample z_i for each caption with the prior: (B, D) unit norm. ``seeds``: one per caption (default
+        0..B-1); caption i's candidates come from ``stage_seeds(seeds, "prior")[i]``."""
         if self.prior is None:
             raise ValueError("this pipeline has no prior: give a prior checkpoint, or use the CLIP text embedding "
                              "(use_prior=False)")
@@ -239,12 +248,15 @@ class UnCLIPPipeline:
         enc = self.encode_text(captions)
         out = []
         bs = max(1, self.settings.batch_size)
-        gen = self._generator(seed)
+        seeds = list(seeds) if seeds is not None else default_seeds(len(captions))
+        if len(seeds) != len(captions):
+            raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
+        seeds = stage_seeds(seeds, "prior")
         for i in range(0, len(captions), bs):
             sl = slice(i, i + bs)
             out.append(self.prior.sample(enc.emb[sl], enc.tokens[sl], enc.mask[sl], steps=s.steps, sampler=s.sampler,
                                          eta=s.eta, guidance_scale=s.guidance_scale, best_of=s.best_of,
-                                         generator=gen).float())
+                                         seeds=seeds[sl]).float())
         return torch.cat(out)
 
     # ------------------------------------------------------------------ decoder
@@ -304,17 +316,17 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def upsample(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Run every upsampler in order: (B, 3, s, s) -> (B, 3, S, S). Each upsampler's input is first resized to
-        its ``low_res_size`` when it differs; its noise uses seeds offset by 1000 * (stage + 1)."""
+        its ``low_res_size`` when it differs; upsampler j draws its noise from ``stage_seeds(seeds, "upsampler", j)``."""
         seeds = list(seeds) if seeds is not None else default_seeds(images.shape[0])
         bs = max(1, self.settings.batch_size)
         for j, up in enumerate(self.upsamplers):
             s = self.settings.upsampler(j)
             low = resize_images(images, int(up.low_res_size))
-            stage_seeds = [int(x) + 1000 * (j + 1) for x in seeds]
+            up_seeds = stage_seeds(seeds, "upsampler", j)
             parts = []
             for i in range(0, low.shape[0], bs):
                 parts.append(up.sample(low[i:i + bs], steps=s.steps, sampler=s.sampler, eta=s.eta,
-                                       generator=self._generator(stage_seeds[i]), seeds=stage_seeds[i:i + bs],
+                                       seeds=up_seeds[i:i + bs],
                                        progress=self.settings.progress).float())
             images = torch.cat(parts)
         return images
@@ -334,7 +346,7 @@ class UnCLIPPipeline:
         if len(seeds) != len(rep):
             raise ValueError(f"{len(rep)} images requested but {len(seeds)} seeds given")
         if use_prior:
-            z_i = self.prior_embeddings(rep, seed=seeds[0] if seeds else 0)
+            z_i = self.prior_embeddings(rep, seeds)
         else:
             z_i = self.embed_texts(rep)
         images = self.decode(z_i, rep, seeds)
@@ -397,7 +409,7 @@ class UnCLIPPipeline:
         rows = {"zero": self.decode(torch.zeros_like(z_t), captions, seeds),
                 "text_emb": self.decode(z_t, captions, seeds)}
         if self.prior is not None:
-            rows["prior"] = self.decode(self.prior_embeddings(captions, seed=seeds[0]), captions, seeds)
+            rows["prior"] = self.decode(self.prior_embeddings(captions, seeds), captions, seeds)
         return rows
 
     @torch.no_grad()

@@ -2,10 +2,11 @@
 from .gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .guidance import classifier_free_guidance
 from .respace import space_timesteps
-from .samplers import ddim_invert, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from .samplers import ddim_invert, initial_noise, sample_ddim, sample_ddpm, sample_dpmpp_2m, step_generator
 from .schedule import get_betas
 
 __all__ = [
     "GaussianDiffusion", "classifier_free_guidance", "ddim_invert", "discretized_gaussian_log_likelihood",
-    "get_betas", "mean_flat", "normal_kl", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "space_timesteps",
+    "get_betas", "initial_noise", "mean_flat", "normal_kl", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+    "space_timesteps", "step_generator",
 ]

@@ -12,6 +12,7 @@ Common arguments:
         in the respaced schedule (counting down), x the new sample and x0 the prediction used for it.
 """
 import math
+from typing import Sequence
 
 import torch
 
@@ -28,6 +29,30 @@ def _initial_noise(x_T, generator, device, dtype=torch.float32) -> torch.Tensor:
     if device is None:
         device = generator.device if generator is not None else "cpu"
     return torch.randn(tuple(x_T), generator=generator, device=device, dtype=dtype)
+
+
+def initial_noise(shape: Sequence[int], device, dtype=torch.float32, generator: torch.Generator | None = None,
+                  seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """x_T (B, ...): one generator per image when ``seeds`` is given (image i depends only on seeds[i]), else one
+    draw from ``generator`` (on ``generator``'s device, moved to ``device``)."""
+    if seeds is not None:
+        if len(seeds) != shape[0]:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(int(s)))
+                            for s in seeds]).to(device=device, dtype=dtype)
+    if generator is not None:
+        return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device=device, dtype=dtype)
+    return torch.randn(tuple(shape), device=device, dtype=dtype)
+
+
+def step_generator(seeds: Sequence[int] | None, generator: torch.Generator | None, device) -> torch.Generator | None:
+    """The generator for the step noise of stochastic samplers (ddpm, ddim eta > 0): ``generator`` if given, else
+    one on ``device`` seeded from ``seeds`` (so seeded sampling is reproducible), else None (global RNG)."""
+    if generator is not None or seeds is None:
+        return generator
+    g = torch.Generator(device=device)
+    g.manual_seed(int(sum(int(s) * 1000003 ** i for i, s in enumerate(seeds)) % (2 ** 63)))
+    return g
 
 
 def _indices(n: int, progress: bool, reverse: bool = True):

@@ -15,13 +15,14 @@ z_t, a conditioning input only, is always fed as z_t * sqrt(D).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, get_betas, sample_ddim, sample_ddpm,
-                                 sample_dpmpp_2m)
+from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, get_betas, initial_noise, sample_ddim,
+                                 sample_ddpm, sample_dpmpp_2m, step_generator)
 
 NORMALIZATIONS = ("scale", "standardize")
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
@@ -151,8 +152,8 @@ class DiffusionPrior(nn.Module):
     @torch.no_grad()
     def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, steps=64,
                sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0, best_of: int = 2,
-               generator: torch.Generator | None = None, progress: bool = False,
-               use_cache: bool = True) -> torch.Tensor:
+               generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
+               progress: bool = False, use_cache: bool = True) -> torch.Tensor:
         """Sample image embeddings for captions.
 
         Args:
@@ -162,6 +163,9 @@ class DiffusionPrior(nn.Module):
             guidance_scale: classifier-free guidance scale (1 = conditional only, no extra pass).
             best_of: N candidates per caption (batched as B*N); the one with the largest dot product with z_t wins.
             generator: torch.Generator on the embeddings' device for every random draw (makes sampling deterministic).
+            seeds: B per-caption seeds: caption i's N starting noises depend only on seeds[i], so with a deterministic
+                sampler (DDIM eta = 0, DPM-Solver++) its embedding does not depend on the rest of the batch. Step
+                noise of stochastic samplers comes from one generator seeded by all the seeds (or ``generator``).
             use_cache: encode the step-independent caption/z_t prefix once (``net.encode_prefix``) and run only the
                 3 step-dependent tokens per step (``net.forward_cached``); same result, many times faster.
         Returns:
@@ -196,8 +200,9 @@ class DiffusionPrior(nn.Module):
             model_fn, model_kwargs = net_fn, cond
         else:
             model_fn, model_kwargs = classifier_free_guidance(net_fn, guidance_scale, cond, uncond), None
-        x_T = torch.randn((b * n, self.embed_dim), device=device, generator=generator)
-        common = dict(steps=steps, model_kwargs=model_kwargs, generator=generator, progress=progress)
+        x_T = initial_noise((b, n, self.embed_dim), device, generator=generator, seeds=seeds).view(b * n, -1)
+        common = dict(steps=steps, model_kwargs=model_kwargs, generator=step_generator(seeds, generator, device),
+                      progress=progress)
         if sampler == "ddim":
             x0 = sample_ddim(self.diffusion, model_fn, x_T, eta=eta, **common)
         elif sampler == "ddpm":

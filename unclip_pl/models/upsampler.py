@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.diffusion import GaussianDiffusion
-from unclip_pl.models.decoder import SAMPLERS, initial_noise, run_sampler, step_generator
+from unclip_pl.diffusion import GaussianDiffusion, initial_noise, step_generator
+from unclip_pl.models.decoder import SAMPLERS, run_sampler
 
 
 def random_crop_pair(a: torch.Tensor, b: torch.Tensor, size: int, generator: torch.Generator | None = None):
