@@ -324,11 +324,16 @@ def _finish_wandb(trainer: pl.Trainer) -> None:
             run.finish()
 
 
-def compile_networks(model: torch.nn.Module) -> None:
-    """``torch.compile`` the network(s) of a stage model in place (its ``loss``/``sample`` stay plain Python)."""
-    for name in ("net", "unet", "text_encoder"):
-        if isinstance(getattr(model, name, None), torch.nn.Module):
-            setattr(model, name, torch.compile(getattr(model, name)))
+def compile_networks(model: torch.nn.Module, **compile_kwargs: Any) -> list[str]:
+    """``torch.compile`` the network(s) of a stage model in place (its ``loss``/``sample`` stay plain Python).
+
+    Uses ``nn.Module.compile``, which compiles the module's forward without wrapping it, so parameter names and
+    checkpoints stay the same with and without compilation (a run may resume with ``compile`` toggled).
+    Returns the names of the compiled networks."""
+    names = [n for n in ("net", "unet", "text_encoder") if isinstance(getattr(model, n, None), torch.nn.Module)]
+    for name in names:
+        getattr(model, name).compile(**compile_kwargs)
+    return names
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:

@@ -132,3 +132,31 @@ def test_missing_conditioning_raises():
     net = tiny_decoder_unet()
     with pytest.raises(ValueError, match="clip_emb"):
         net(torch.randn(1, 3, 16, 16), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("kind", ["decoder", "upsampler"])
+def test_compiles_as_one_graph(kind):
+    """No graph breaks (fullgraph=True), so torch.compile on a GPU fuses the whole U-Net; same outputs as eager."""
+    if kind == "decoder":
+        net = randomize(tiny_decoder_unet()).eval()
+        x, t, ctx, mask, e1, _ = _inputs()
+        kw = dict(clip_emb=e1, context=ctx, context_mask=mask)
+    else:
+        net = randomize(UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=[],
+                             image_size=16, low_res_channels=3)).eval()
+        x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+        kw = dict(low_res=torch.randn(2, 3, 8, 8))
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, **kw), net(x, t, **kw), atol=1e-5, rtol=1e-4)
+
+
+def test_text_encoder_compiles_as_one_graph():
+    from unclip_pl.nets.text import TextEncoder
+
+    te = TextEncoder(vocab_size=100, context_length=12, width=16, layers=1, heads=2).eval()
+    tokens = torch.tensor([[98, 5, 7, 99, 0, 0], [98, 99, 0, 0, 0, 0]])
+    states, mask = torch.compile(te, backend="aot_eager", fullgraph=True)(tokens)
+    ref_states, ref_mask = te(tokens)
+    torch.testing.assert_close(states, ref_states)
+    assert torch.equal(mask, ref_mask)
