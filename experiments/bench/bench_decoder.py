@@ -53,7 +53,7 @@ def peak_gib(device) -> str:
 def build_decoder(args, device) -> Decoder:
     unet = UNet(model_channels=args.channels, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                 attention_resolutions=(32, 16, 8), image_size=args.size, num_head_channels=64, clip_dim=args.width,
-                num_clip_tokens=4, context_dim=args.width)
+                num_clip_tokens=4, context_dim=args.width, pool_context=True)
     model = Decoder(unet, GaussianDiffusion(get_betas("cosine", 1000)), text_encoder=None)
     return model.to(device).to(memory_format=torch.channels_last)
 

@@ -160,3 +160,27 @@ def test_text_encoder_compiles_as_one_graph():
     ref_states, ref_mask = te(tokens)
     torch.testing.assert_close(states, ref_states)
     assert torch.equal(mask, ref_mask)
+
+
+def test_pooled_caption_is_the_end_token_state_and_zero_when_dropped():
+    from unclip_pl.nets.unet import last_real_state
+
+    ctx = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    pooled = last_real_state(ctx, mask)
+    assert torch.equal(pooled[0], ctx[0, 2]) and torch.equal(pooled[1], ctx[1, 4])
+    assert torch.equal(pooled[2], torch.zeros(4))                   # dropped caption: no pooled term
+    # the U-Net feeds exactly that into the time embedding (before the CLIP tokens join the context)
+    net = randomize(tiny_decoder_unet(pool_context=True)).eval()
+    x, t, ctx, mask, e1, _ = _inputs()
+    seen = []
+    net.context_to_time.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        a = net(x, t, clip_emb=e1, context=ctx, context_mask=mask)
+        torch.nn.init.zeros_(net.context_to_time.weight)
+        b = net(x, t, clip_emb=e1, context=ctx, context_mask=mask)
+    torch.testing.assert_close(seen[0], ctx[:, 2])                   # mask[:, 3:] is False
+    assert (a - b).abs().max() > 1e-4                                # the pooled path reaches the output
+    with pytest.raises(ValueError, match="pool_context"):
+        UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=[], image_size=16,
+             low_res_channels=3, pool_context=True)

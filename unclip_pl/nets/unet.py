@@ -158,6 +158,17 @@ class Block(nn.Module):
         return h
 
 
+def last_real_state(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """context (B, S, C), mask (B, S) bool -> (B, C): the state at the last real position (a caption's end token);
+    zeros where the mask is all False (a dropped caption). No host syncs."""
+    if mask is None:
+        return context[:, -1]
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask.to(torch.bool), pos, -1).amax(dim=1)                      # (B,), -1 when empty
+    idx = last.clamp(min=0)[:, None, None].expand(-1, 1, context.shape[-1])
+    return context.gather(1, idx).squeeze(1) * (last >= 0)[:, None].to(context.dtype)
+
+
 class UNet(nn.Module):
     """ADM/GLIDE U-Net with CLIP-embedding and caption conditioning (decoder) or low-res conditioning (upsampler).
 
@@ -179,6 +190,8 @@ class UNet(nn.Module):
         context_dim: width Cctx of the caption states (and of the CLIP tokens). Defaults to ``4 * model_channels``
             when only CLIP tokens are used.
         low_res_channels: channels of the ``low_res`` conditioning image (upsampler), 0 for none.
+        pool_context: GLIDE's pooled caption term: the caption state at the last real token (the end token) is
+            projected and added to the time embedding too (zero when the caption is dropped). Needs attention.
     """
 
     def __init__(
@@ -198,6 +211,7 @@ class UNet(nn.Module):
         num_clip_tokens: int = 4,
         context_dim: int | None = None,
         low_res_channels: int = 0,
+        pool_context: bool = False,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -225,6 +239,9 @@ class UNet(nn.Module):
         else:
             self.clip_to_time = None
             self.clip_to_tokens = None
+        if pool_context and ctx_dim is None:
+            raise ValueError("pool_context needs caption states, i.e. attention (attention_resolutions) and context_dim")
+        self.context_to_time = nn.Linear(ctx_dim, emb_ch) if pool_context else None   # GLIDE's pooled caption
 
         def attn(ch: int, ds: int) -> AttentionBlock | None:
             if image_size // ds in attention_resolutions:
@@ -278,12 +295,14 @@ class UNet(nn.Module):
         context_mask (B, S) bool; low_res (B, C, h, w). Returns (B, C_out, H, W)."""
         wdtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(wdtype))   # (B, E)
+        if self.context_to_time is not None and context is not None:  # GLIDE: pooled caption -> time embedding
+            emb = emb + self.context_to_time(last_real_state(context, context_mask).to(wdtype))
         if self.clip_to_time is not None:
             if clip_emb is None:
                 raise ValueError("this U-Net is CLIP-conditioned: pass clip_emb (B, D)")
             clip_emb = clip_emb.to(wdtype)
-            emb = emb + self.clip_to_time(clip_emb)
-            if self.clip_to_tokens is not None:
+            emb = emb + self.clip_to_time(clip_emb)                   # unCLIP path 1
+            if self.clip_to_tokens is not None:                       # unCLIP path 2
                 B = x.shape[0]
                 clip_tokens = self.clip_to_tokens(clip_emb).view(B, self.num_clip_tokens, -1)  # (B, 4, Cctx)
                 if context is None:
