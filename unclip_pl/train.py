@@ -299,6 +299,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     module = build_with_optional(scfg.module, f"{stage}.module", clip=clip)
     if clip is None and "tokens" in scfg.needs:  # the CLIP stage tokenises for the model it trains
         datamodule.tokenizer = clip_stage_tokenizer(cfg, module)
+    transform = getattr(module, "loader_batch_transform", None)
+    if transform is not None:  # work the module moves into the loader workers (e.g. the upsampler's BSR)
+        datamodule.train_batch_transform = transform
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("compile"):
         compile_networks(module.model)

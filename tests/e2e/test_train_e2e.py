@@ -95,7 +95,9 @@ def test_decoder_and_upsampler_train(emoji_root, tiny_clip, tmp_path):
     cfg = compose(["upsampler=emoji", *data_overrides(emoji_root), *FAST, "upsampler.image_size=32",
                    "upsampler.low_res_size=16", f"{unet}.model_channels=16", f"{unet}.channel_mult=[1,2]",
                    f"{unet}.num_res_blocks=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "upsampler.sample.steps=3",
-                   "upsampler.module.num_grid_items=2"], tmp_path / "upsampler")
+                   "upsampler.module.num_grid_items=2",
+                   "upsampler.module.degrade_in_loader=true"],  # low-res made by the loader (in-step: unit tests)
+                  tmp_path / "upsampler")
     metrics = run(cfg)
     assert "val/loss" in metrics
     assert (tmp_path / "upsampler" / "checkpoints" / "last.ckpt").exists()

@@ -95,3 +95,55 @@ def test_paper_upsampler_configs(name, size, low, steps, params, tmp_path):
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     y = model.degradation(x)
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+
+
+def test_low_res_made_in_loader_workers_equals_the_training_step():
+    """degrade_in_loader: the picklable LowRes runs in a DataLoader worker and the loss is the same as when the step
+    makes the low-res input itself."""
+    import pickle
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from unclip_pl.data.shards import AddKey
+    from unclip_pl.models.upsampler import LowRes
+
+    up = tiny_upsampler()
+    maker = pickle.loads(pickle.dumps(up.low_res_maker))
+    assert isinstance(maker, LowRes) and maker.size == 16
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(maker(images), up.make_low_res(images))
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield AddKey("image", "low_res", maker)({"image": images})
+
+    batch = next(iter(DataLoader(Batches(), batch_size=None, num_workers=1)))
+    assert batch["low_res"].shape == (4, 3, 16, 16)
+    a = up.loss(images, generator=torch.Generator().manual_seed(3))["loss"]
+    b = up.loss(images, low_res=batch["low_res"], generator=torch.Generator().manual_seed(3))["loss"]
+    torch.testing.assert_close(a, b)
+    # a BSR LowRes (random per call) pickles too: the paper's second stage degrades in the workers
+    from unclip_pl.data.degrade import bsr_degrade
+
+    bsr = pickle.loads(pickle.dumps(LowRes(16, "bicubic", partial(bsr_degrade, p_jpeg=1.0))))
+    out = bsr(images)
+    assert out.shape == (4, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+
+
+def test_upsampler_module_wires_the_loader_transform():
+    from unclip_pl.lit.upsampler import UpsamplerModule
+
+    in_step = UpsamplerModule(tiny_upsampler())
+    assert in_step.loader_batch_transform is None
+    assert torch.isfinite(in_step.compute_loss({"image": torch.rand(2, 3, 32, 32) * 2 - 1})["loss"])
+    module = UpsamplerModule(tiny_upsampler(), degrade_in_loader=True)
+    transform = module.loader_batch_transform
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch = transform({"image": images})
+    assert batch["low_res"].shape == (2, 3, 16, 16)
+    assert torch.isfinite(module.compute_loss(batch)["loss"])
+    with pytest.raises(KeyError, match="low_res"):
+        module.compute_loss({"image": images})
+    cfg = compose(["upsampler=paper_1024"])
+    assert cfg.upsampler.module.degrade_in_loader is True

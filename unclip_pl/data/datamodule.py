@@ -85,6 +85,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.embed_cache_dir = embed_cache_dir
         self.embed_batch_size = int(embed_batch_size)
         self.clip = None  # a FrozenCLIP assigned by the training entry (used for tokens and cached embeddings)
+        # picklable dict -> dict run on every training batch in the workers, set by the training entry from the
+        # module's ``loader_batch_transform`` (e.g. the upsampler's low-res corruption)
+        self.train_batch_transform: Callable[[dict], dict] | None = None
         self.stats = {"train": LoaderStats(), "val": LoaderStats()}
         self.train_dataset = self.val_dataset = None
         self._train_workers = self._val_workers = 0
@@ -162,7 +165,7 @@ class ShardDataModule(pl.LightningDataModule):
             self.train_dataset = build_pipeline(
                 urls, batch_size=self.batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
                 resampled=resampled, epoch_length=epoch_length, random_crop=self.random_crop,
-                stats=self.stats["train"], repeat=repeat, **common)
+                stats=self.stats["train"], repeat=repeat, batch_transform=self.train_batch_transform, **common)
             self._train_workers = self._workers_for(urls, resampled)
             if resampled or repeat:
                 n = batches_per_worker(epoch_length, self.batch_size, self.world_size, self._train_workers)

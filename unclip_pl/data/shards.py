@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import random
 import tarfile
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
@@ -615,6 +615,18 @@ class Tokenize:
         return batch
 
 
+class AddKey:
+    """Pipeline stage on batches: ``batch[dst] = fn(batch[src])``, in the loader workers (``fn`` must pickle).
+    E.g. the upsampler's low-res corruption: ``AddKey("image", "low_res", upsampler.low_res_maker)``."""
+
+    def __init__(self, src: str, dst: str, fn: Callable[[Any], Any]):
+        self.src, self.dst, self.fn = src, dst, fn
+
+    def __call__(self, batch: dict) -> dict:
+        batch[self.dst] = self.fn(batch[self.src])
+        return batch
+
+
 class CountSamples:
     def __init__(self, stats: LoaderStats):
         self.stats = stats
@@ -675,7 +687,7 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
                    batch_size: int = 32, train: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                    epoch_length: int | None = None, tokenizer: Callable | None = None, random_crop: bool = False,
                    seed: int = 0, stats: LoaderStats | None = None, partial: bool = True,
-                   repeat: bool = False) -> wds.DataPipeline:
+                   repeat: bool = False, batch_transform: Callable[[dict], dict] | None = None) -> wds.DataPipeline:
     """Build the batched reading pipeline (an ``IterableDataset`` of batches; use ``batch_size=None`` in loaders).
 
     Args:
@@ -690,6 +702,7 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
         repeat: cycle through the shard list (a new identical-on-every-rank shuffle per pass when ``train``),
             split by node and worker; requires ``epoch_length``. Ranks read disjoint shards within a pass and
             take equal step counts: the multi-rank mode without resampling.
+        batch_transform: picklable ``dict -> dict`` applied to every batch in the workers (e.g. :class:`AddKey`).
     Returns:
         ``wds.DataPipeline`` yielding dicts ``key`` (list[str]), ``txt`` (list[str]), and as needed ``image``
         float32 (B, 3, H, W) in [-1, 1], ``tokens`` int64 (B, L), ``img_emb``/``txt_emb`` float32 (B, D).
@@ -722,6 +735,8 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=partial))
     if "tokens" in needs:
         stages.append(MapBatches(Tokenize(tokenizer)))
+    if batch_transform is not None:
+        stages.append(MapBatches(batch_transform))
     stages.append(MapBatches(CountSamples(stats)))
     if epoch_length:
         stages.append(EpochCap(epoch_length, batch_size))
@@ -734,5 +749,5 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
 __all__ = [
     "IMAGE_EXTS", "VALID_NEEDS", "ShardError", "MissingKeyError", "expand_urls", "open_url", "iter_tar",
     "tar_samples", "ShuffleBuffer", "count_samples", "encode_sample", "ShardWriter", "write_shards", "LoaderStats", "DecodeSamples",
-    "collate", "Tokenize", "EpochCap", "RepeatedShardList", "batches_per_worker", "build_pipeline",
+    "collate", "Tokenize", "AddKey", "EpochCap", "RepeatedShardList", "batches_per_worker", "build_pipeline",
 ]

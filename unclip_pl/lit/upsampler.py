@@ -1,6 +1,7 @@
 """LightningModule of a diffusion upsampler (``python train.py upsampler=emoji``).
 
-Training: ``Upsampler.loss(image)`` (low-res input built inside: down-sample + degradation, random quarter-size crops).
+Training: ``Upsampler.loss(image)`` (random quarter-size crops; the low-res input is made in the step, or with
+``degrade_in_loader`` in the data-loader workers: down-sample + degradation).
 Validation (EMA weights): ``val/loss`` with fixed noise; every ``sample_every_n_val``-th validation run a grid of the
 first ``num_grid_items`` validation images is logged (row 1: the low-res input, row 2: the upsampled sample at full
 size, row 3: the real image).
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from unclip_pl.callbacks.image_grid import log_image_grid, to_grid
+from unclip_pl.data.shards import AddKey
 from unclip_pl.lit.base import StageModule
 from unclip_pl.lit.decoder import _GridMixin
 
@@ -25,6 +27,8 @@ class UpsamplerModule(_GridMixin, StageModule):
         model: ``unclip_pl.models.upsampler.Upsampler``.
         optimizer, warmup_steps, ema_decay: see ``StageModule`` (no CLIP: the upsampler sees only images).
         channels_last: convert images and weights to channels_last memory format.
+        degrade_in_loader: make the corrupted low-res input in the loader workers (``loader_batch_transform``)
+            instead of the training step: for BSR, whose per-image loop and CPU JPEG would stall an accelerator.
         sample_every_n_val / num_grid_items: grid logging, as in ``DecoderModule``.
         sample_steps / sampler / eta: grid sampler settings (None = the model's defaults).
     """
@@ -41,9 +45,11 @@ class UpsamplerModule(_GridMixin, StageModule):
         sample_steps: Any = None,
         sampler: str | None = None,
         eta: float | None = None,
+        degrade_in_loader: bool = False,
     ):
         super().__init__(model, optimizer, warmup_steps, ema_decay, clip=None)
         self.channels_last = channels_last
+        self.degrade_in_loader = bool(degrade_in_loader)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
             if self.ema is not None:
@@ -56,8 +62,16 @@ class UpsamplerModule(_GridMixin, StageModule):
         images = images.float()
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
+    @property
+    def loader_batch_transform(self) -> AddKey | None:
+        """With ``degrade_in_loader``: the batch stage the data module runs in its workers (adds ``low_res``)."""
+        return AddKey("image", "low_res", self.model.low_res_maker) if self.degrade_in_loader else None
+
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model.loss(self._images(batch["image"]))
+        if self.degrade_in_loader and "low_res" not in batch:
+            raise KeyError("degrade_in_loader=true but the batch has no 'low_res': give the data module "
+                           "module.loader_batch_transform as its train_batch_transform (train.py does)")
+        return self.model.loss(self._images(batch["image"]), low_res=batch.get("low_res"))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.eval_model.loss(self._images(batch["image"]), generator=self._generator(batch_idx))

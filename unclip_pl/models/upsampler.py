@@ -36,6 +36,27 @@ def random_crop_pair(a: torch.Tensor, b: torch.Tensor, size: int, generator: tor
     return crop(a), crop(b)
 
 
+class LowRes:
+    """The upsamplers' training corruption as a picklable callable: (B, 3, H, W) high-res in [-1, 1] ->
+    (B, 3, size, size): antialiased down-sample, then ``degradation`` (blur / BSR), clamped to [-1, 1].
+
+    Runs inside the training step (``Upsampler.make_low_res``) or in the data-loader workers (the upsampler module's
+    ``degrade_in_loader``), where BSR's per-image Python loop and CPU JPEG cost no accelerator time."""
+
+    def __init__(self, size: int, mode: str = "bicubic",
+                 degradation: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.size, self.mode, self.degradation = int(size), mode, degradation
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        antialias = self.mode in ("bilinear", "bicubic")
+        low = F.interpolate(images.float(), size=(self.size, self.size), mode=self.mode,
+                            **({"antialias": True, "align_corners": False} if antialias else {}))
+        low = low.clamp(-1, 1)
+        if self.degradation is not None:
+            low = self.degradation(low).clamp(-1, 1)
+        return low.to(images.dtype)
+
+
 class Upsampler(nn.Module):
     """Low-res-conditioned diffusion super-resolution model.
 
@@ -76,23 +97,24 @@ class Upsampler(nn.Module):
         self.downsample_mode = downsample_mode
         self.sample_steps, self.sampler, self.eta = sample_steps, sampler, eta
 
+    @property
+    def low_res_maker(self) -> LowRes:
+        """The training corruption (down-sample + ``degradation``) as a picklable callable, e.g. for loader workers."""
+        return LowRes(self.low_res_size, self.downsample_mode, self.degradation)
+
     def make_low_res(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) high-res -> (B, 3, low_res_size, low_res_size): down-sample (antialiased) + degradation."""
-        antialias = self.downsample_mode in ("bilinear", "bicubic")
-        low = F.interpolate(images.float(), size=(self.low_res_size, self.low_res_size), mode=self.downsample_mode,
-                            **({"antialias": True, "align_corners": False} if antialias else {}))
-        low = low.clamp(-1, 1)
-        if self.degradation is not None:
-            low = self.degradation(low).clamp(-1, 1)
-        return low.to(images.dtype)
+        return self.low_res_maker(images)
 
-    def loss(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) in [-1, 1] at the target resolution. Returns dict(loss, mse[, vb]) of scalars.
+    def loss(self, images: torch.Tensor, *, low_res: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W) in [-1, 1] at the target resolution; low_res (B, 3, h, w): the corrupted low-res input
+        when made elsewhere (the loader workers), else made here. Returns dict(loss, mse[, vb]) of scalars.
 
         The low-res input is built from the whole image, bilinearly up-sampled to full size (as at inference), and
         the same random crop of a quarter of the target size is taken from both."""
         B, _, H, W = images.shape
-        low = self.make_low_res(images)
+        low = self.make_low_res(images) if low_res is None else low_res.to(images.device, images.dtype)
         up = F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
         if self.crop_size < min(H, W):
             x0, cond = random_crop_pair(images, up, self.crop_size, generator)
