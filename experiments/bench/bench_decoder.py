@@ -119,7 +119,12 @@ def bench_decoder_sample(args, device, compile_net) -> dict:
 
     reset_peak(device)
     sec = timed(run, args.sample_iters, 1 if device.type == "cuda" else 0, device)
-    return {"sec": sec, "img_s": args.sample_batch / sec, "mem": peak_gib(device)}
+    flops = None
+    if not compile_net:  # one counted call (FlopCounterMode cannot see inside compiled graphs)
+        with FlopCounterMode(display=False) as counter:
+            run()
+        flops = counter.get_total_flops()
+    return {"sec": sec, "img_s": args.sample_batch / sec, "mem": peak_gib(device), "flops": flops}
 
 
 def bench_upsampler_train(args, device, compile_net) -> dict:
@@ -200,12 +205,15 @@ def main() -> None:
         rows.append(f"| {mode} | decoder train, batch {args.batch} | {dt['img_s']:.4g} | {dt['sec'] * 1e3:.0f} ms/step "
                     f"| {tf:.3g} | {100 * tf / peak:.1f}% | {dt['mem']} |")
         ds = bench_decoder_sample(args, device, comp)
+        flops["sample"] = ds["flops"] or flops.get("sample")
+        tfs = flops["sample"] / ds["sec"] / 1e12
         per50 = ds["img_s"] * args.sample_steps / 50
         print(f"{mode} decoder DDIM-{args.sample_steps} sample: {ds['img_s']:.4g} img/s "
-              f"(= {per50:.3g} img/s at 50 steps), peak {ds['mem']} GiB", flush=True)
+              f"(= {per50:.3g} img/s at 50 steps), {tfs:.3g} TFLOP/s ({100 * tfs / peak:.1f}%), "
+              f"peak {ds['mem']} GiB", flush=True)
         rows.append(f"| {mode} | decoder DDIM-{args.sample_steps} sampling + guidance, batch {args.sample_batch} "
                     f"| {ds['img_s']:.4g}" + ("" if args.sample_steps == 50 else f" ({per50:.3g} at 50 steps)")
-                    + f" | {ds['sec']:.2f} s/batch | - | - | {ds['mem']} |")
+                    + f" | {ds['sec']:.2f} s/batch | {tfs:.3g} | {100 * tfs / peak:.1f}% | {ds['mem']} |")
         ut = bench_upsampler_train(args, device, comp)
         flops["up"] = ut["flops"] or flops.get("up")
         tfu = flops["up"] / ut["sec"] / 1e12
@@ -225,6 +233,7 @@ def main() -> None:
     load = " / ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
     reduced = "" if gpu else (" **Reduced for the CPU** (reference: decoder batch 128, sampling batch 64 with 50 "
                               "steps, upsampler 256x256 crops batch 16): the sizes are in the rows.")
+    sample50 = flops["sample"] / args.sample_batch / args.sample_steps * 50  # FLOPs per image at 50 steps
     lines = [
         f"`python experiments/bench/bench_decoder.py{' --device cuda --compile' if gpu else ''}` on **{name}** "
         f"(torch {torch.__version__}).",
@@ -237,6 +246,9 @@ def main() -> None:
         + reduced,
         f"FLOPs per training step (forward + backward, FlopCounterMode): decoder {flops['dec'] / 1e12:.3g} TFLOP "
         f"({flops['dec'] / args.batch / 1e9:.0f} GFLOP/image), upsampler {flops['up'] / 1e12:.3g} TFLOP. "
+        f"Guided sampling (cond + uncond batched): {flops['sample'] / args.sample_batch / args.sample_steps / 1e9:.0f} "
+        f"GFLOP per image and step, so DDIM-50 costs {sample50 / 1e12:.1f} TFLOP per image and cannot exceed "
+        f"**{peak * 1e12 / sample50:.3g} images/s** at the measured peak. "
         f"Peak: bf16 matmul {args.peak_n}^3 measured in the same run (best of start and end) = **{peak:.3g} TFLOP/s**.",
         "",
         "| mode | what | images/s | time | model TFLOP/s | % of measured bf16 peak | peak GPU memory (GiB) |",

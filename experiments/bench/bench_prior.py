@@ -87,7 +87,12 @@ def bench_sample(args, device: torch.device, compile_net: bool) -> dict:
             model.sample(txt, tok, mask, steps=args.sample_steps, sampler="ddim", best_of=1)
 
     sec = timed(run, args.sample_iters, 1 if device.type == "cuda" else 0, device)
-    return {"sec": sec, "emb_s": args.sample_batch / sec}
+    flops = None
+    if not compile_net:  # one counted call (FlopCounterMode cannot see inside compiled graphs)
+        with FlopCounterMode(display=False) as counter:
+            run()
+        flops = counter.get_total_flops()
+    return {"sec": sec, "emb_s": args.sample_batch / sec, "flops": flops}
 
 
 def main() -> None:
@@ -134,9 +139,12 @@ def main() -> None:
             flops = tr["flops"]
         tf = flops / tr["sec"] / 1e12
         sm = bench_sample(args, device, comp)
+        if sm["flops"] is not None:
+            sample_flops = sm["flops"]
+        sm["tf"] = sample_flops / sm["sec"] / 1e12
         mode = "compiled" if comp else "eager"
         print(f"{mode}: train {tr['samples_s']:.4g} samples/s, {tf:.3g} TFLOP/s ({100 * tf / peak:.1f}% of peak); "
-              f"sample {sm['emb_s']:.4g} emb/s")
+              f"sample {sm['emb_s']:.4g} emb/s, {sm['tf']:.3g} TFLOP/s")
         rows.append((mode, tr, tf, sm))
 
     params = rows[0][1]["params"]
@@ -154,12 +162,16 @@ def main() -> None:
         + ", best_of 1, cached caption prefix. Peak: bf16 matmul "
         f"{args.peak_n}^3 measured in the same run = **{peak:.3g} TFLOP/s**.",
         "",
-        "| mode | train samples/s | train ms/step | model TFLOP/s | % of measured bf16 peak | sampling emb/s |",
-        "|---|---|---|---|---|---|",
+        f"Sampling FLOPs (counted once, eager): {sample_flops / args.sample_batch / 1e9:.1f} GFLOP per embedding "
+        f"for {args.sample_steps} steps.",
+        "",
+        "| mode | train samples/s | train ms/step | model TFLOP/s | % of measured bf16 peak | sampling emb/s "
+        "| sampling TFLOP/s (% of peak) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode, tr, tf, sm in rows:
         lines.append(f"| {mode} | {tr['samples_s']:.4g} | {1000 * tr['sec']:.4g} | {tf:.3g} | {100 * tf / peak:.1f}% | "
-                     f"{sm['emb_s']:.4g} |")
+                     f"{sm['emb_s']:.4g} | {sm['tf']:.3g} ({100 * sm['tf'] / peak:.1f}%) |")
     if not gpu:
         lines += ["", f"CPU numbers are indicative only: the run took {time.perf_counter() - t_start:.0f} s on a shared "
                       f"machine (load average {open('/proc/loadavg').read().split()[0]} at the end)."]
