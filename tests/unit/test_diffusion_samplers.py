@@ -188,3 +188,21 @@ def test_guided_sampling_runs_with_sampler():
                                       {"emb": torch.ones(2, 2)}, {"emb": torch.zeros(2, 2)})
     out = sample_ddim(d, guided, (2, 2, 3), steps=7, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 2, 3) and torch.isfinite(out).all() and model.calls == 7
+
+
+def test_guidance_concatenates_branch_kwargs_once():
+    """The [cond; uncond] kwargs (e.g. a prior's K/V cache) are built once, not at every sampling step."""
+    seen = []
+
+    def model(x, t, emb, shift):
+        seen.append((emb, shift))
+        return x + emb[:, :, None] + shift
+
+    c, u = torch.ones(2, 2), torch.zeros(2, 2)
+    guided = classifier_free_guidance(model, 2.0, {"emb": c}, {"emb": u})
+    x, t = torch.zeros(2, 2, 3), torch.zeros(2, dtype=torch.int64)
+    a = guided(x, t, shift=torch.full((2, 1, 1), 0.5))   # call-time kwargs are shared by both halves
+    guided(x, t, shift=torch.full((2, 1, 1), 0.5))
+    assert seen[0][0] is seen[1][0] and seen[0][0].shape == (4, 2)
+    assert seen[0][1].shape == (4, 1, 1)
+    torch.testing.assert_close(a, torch.full((2, 2, 3), 2.5))  # 0.5 + (0 + 2 * (1 - 0))

@@ -19,9 +19,10 @@ def classifier_free_guidance(model_fn, scale: float, cond_kwargs: dict, uncond_k
     """Wrap model_fn so that it returns uncond + scale * (cond - uncond).
 
     The conditional and unconditional branches run in ONE forward pass: x (B, ...), t (B,) and every tensor
-    kwarg are concatenated [cond; uncond] along dim 0 (non-tensor kwargs must be equal in both branches).
-    Keyword arguments given to the returned function at call time (e.g. a sampler's model_kwargs) are shared by
-    both branches. scale == 1 runs only the conditional branch.
+    kwarg are concatenated [cond; uncond] along dim 0 (non-tensor kwargs must be equal in both branches). The
+    branch kwargs are concatenated once, here, not at every step (a prior's K/V cache is large). Keyword arguments
+    given to the returned function at call time (e.g. a sampler's model_kwargs) are shared by both branches; the
+    branch kwargs win on a name clash. scale == 1 runs only the conditional branch.
 
     Args:
         model_fn: model_fn(x, t, **kwargs) -> (B, C', ...).
@@ -35,13 +36,13 @@ def classifier_free_guidance(model_fn, scale: float, cond_kwargs: dict, uncond_k
     if set(cond_kwargs) != set(uncond_kwargs):
         raise ValueError(f"cond and uncond kwargs need the same keys: {sorted(cond_kwargs)} vs {sorted(uncond_kwargs)}")
 
+    both = {k: _merge(k, cond_kwargs[k], uncond_kwargs[k]) for k in cond_kwargs} if scale != 1 else {}
+
     def guided_fn(x, t, **kwargs):
-        cond = {**kwargs, **cond_kwargs}
         if scale == 1:
-            return model_fn(x, t, **cond)
-        uncond = {**kwargs, **uncond_kwargs}
-        both = {k: _merge(k, cond[k], uncond[k]) for k in cond}
-        out = model_fn(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **both)
+            return model_fn(x, t, **{**kwargs, **cond_kwargs})
+        shared = {k: _merge(k, v, v) for k, v in kwargs.items() if k not in both}
+        out = model_fn(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **shared, **both)
         out_c, out_u = out.chunk(2, dim=0)
         guided = out_u + scale * (out_c - out_u)
         if split_channels is not None:
