@@ -4,9 +4,9 @@ Every method takes and returns images as float tensors (B, 3, H, W) in [-1, 1] a
 
 Seeding: every stage draws its starting noise per item from that item's seed, in its own stream
 (:func:`stage_seeds`: the decoder uses the seed itself, the prior and each upsampler the seed plus a multiple of
-2**32, so no two stages share noise). With deterministic samplers (DDIM eta = 0, DPM-Solver++) image i depends only on
-seeds[i] and its caption, not on the rest of the batch; a row with one repeated seed shares its noise. Stochastic steps
-(DDPM, DDIM with eta > 0) draw from a generator seeded by the batch's seeds. Identical calls give identical images.
+2**32, so no two stages share noise); the step noise of DDPM and DDIM with eta > 0 is drawn per item too. Image i
+depends only on seeds[i] and its caption, not on the rest of the batch; a row with one repeated seed shares its noise.
+Identical calls give identical images.
 
 Decoder caption input: token ids from ``clip.tokenize`` through the decoder's own text encoder, or the frozen CLIP's
 per-token states when the decoder has none (``text_source="clip"``). A caption of ``None`` means "no caption": the

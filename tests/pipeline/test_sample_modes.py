@@ -116,8 +116,8 @@ def test_deterministic_seeds(tiny_pipeline):
 
 
 def test_image_depends_only_on_its_caption_and_seed(tiny_pipeline):
-    """With deterministic samplers, regenerating one image of a grid (its caption and seed alone) reproduces it:
-    prior, decoder and upsampler noise are all drawn per item."""
+    """Regenerating one image of a grid (its caption and seed alone) reproduces it: prior, decoder and upsampler
+    noise are all drawn per item."""
     assert tiny_pipeline.prior is not None and tiny_pipeline.upsamplers
     grid, z = tiny_pipeline.text_to_image(["x", "y", "z"], 1, seeds=[3, 4, 5], return_embeddings=True)
     one, z_one = tiny_pipeline.text_to_image(["y"], 1, seeds=[4], return_embeddings=True)

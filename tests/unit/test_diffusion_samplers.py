@@ -206,3 +206,21 @@ def test_guidance_concatenates_branch_kwargs_once():
     assert seen[0][0] is seen[1][0] and seen[0][0].shape == (4, 2)
     assert seen[0][1].shape == (4, 1, 1)
     torch.testing.assert_close(a, torch.full((2, 2, 3), 2.5))  # 0.5 + (0 + 2 * (1 - 0))
+
+
+def test_per_row_generators_make_rows_independent_of_the_batch():
+    """step_generator(seeds) gives one stream per row: DDPM row i depends only on seeds[i]."""
+    from unclip_pl.diffusion import step_generator
+
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="eps")
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    x_T = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0))
+    full = sample_ddpm(d, model, x_T, steps=5, generator=step_generator([7, 8, 9], None, "cpu"))
+    alone = sample_ddpm(d, model, x_T[1:2], steps=5, generator=step_generator([8], None, "cpu"))
+    torch.testing.assert_close(alone, full[1:2])
+    other = sample_ddpm(d, model, x_T[1:2], steps=5, generator=step_generator([5], None, "cpu"))
+    assert not torch.allclose(other, full[1:2], atol=1e-3)
+    gens = step_generator([1, 2], None, "cpu", per_seed=3)      # best-of-N: N streams per seed
+    assert len(gens) == 6 and len({g.initial_seed() for g in gens}) == 6
+    with pytest.raises(ValueError, match="per-row generators"):
+        sample_ddpm(d, model, x_T, steps=5, generator=step_generator([1], None, "cpu"))

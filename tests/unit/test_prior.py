@@ -231,7 +231,7 @@ def test_sample_seeds_make_each_caption_independent_of_its_batch():
     torch.manual_seed(0)
     model = DiffusionPrior(_KeepsNoise()).eval()
     img, txt, tok, mask = batch(b=3)
-    kw = dict(steps=6, sampler="ddim", best_of=2, guidance_scale=2.0)
+    kw = dict(steps=6, sampler="ddpm", best_of=2, guidance_scale=2.0)  # step noise is per caption too
     full = model.sample(txt, tok, mask, seeds=[10, 11, 12], **kw)
     alone = model.sample(txt[2:], tok[2:], mask[2:], seeds=[12], **kw)   # caption 2 without the others
     torch.testing.assert_close(alone, full[2:], atol=1e-5, rtol=1e-5)

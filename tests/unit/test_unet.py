@@ -184,3 +184,16 @@ def test_pooled_caption_is_the_end_token_state_and_zero_when_dropped():
     with pytest.raises(ValueError, match="pool_context"):
         UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=[], image_size=16,
              low_res_channels=3, pool_context=True)
+
+
+def test_group_norm_in_float32_with_low_precision_weights():
+    """Pure-bf16 models (weights in bf16, as the paper-size CPU check builds them) normalise in float32 too."""
+    from unclip_pl.nets.unet import GroupNorm32
+
+    norm = GroupNorm32(64)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 64, 4, 4)
+    ref = norm(x)
+    out = norm.bfloat16()(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)

@@ -6,7 +6,8 @@ Common arguments:
     x_T: starting noise (B, C, ...) or a shape tuple (then drawn with `generator` on `device`).
     steps: respacing spec for `diffusion.respaced` (int, "ddimN", list); None = the diffusion's own steps.
     model_kwargs: conditioning passed as model_fn(x, t, **model_kwargs).
-    generator: torch.Generator for every random draw (must live on x's device).
+    generator: torch.Generator for every random draw (must live on x's device), or a list of B generators, one per
+        row, so that row i's step noise depends only on its own generator (see :func:`step_generator`).
     clip_denoised: clamp the predicted x0 to [-1, 1]; denoised_fn: hook x0 -> x0 applied after it.
     progress: show a tqdm bar; callback: called as callback(i, x, x0) after each step, with i the step index
         in the respaced schedule (counting down), x the new sample and x0 the prediction used for it.
@@ -26,6 +27,9 @@ def _schedule(diffusion: GaussianDiffusion, steps) -> GaussianDiffusion:
 def _initial_noise(x_T, generator, device, dtype=torch.float32) -> torch.Tensor:
     if isinstance(x_T, torch.Tensor):
         return x_T
+    if isinstance(generator, (list, tuple)):  # one generator per row
+        device = device if device is not None else generator[0].device
+        return _step_noise(torch.empty(tuple(x_T), device=device, dtype=dtype), generator)
     if device is None:
         device = generator.device if generator is not None else "cpu"
     return torch.randn(tuple(x_T), generator=generator, device=device, dtype=dtype)
@@ -45,14 +49,26 @@ def initial_noise(shape: Sequence[int], device, dtype=torch.float32, generator: 
     return torch.randn(tuple(shape), device=device, dtype=dtype)
 
 
-def step_generator(seeds: Sequence[int] | None, generator: torch.Generator | None, device) -> torch.Generator | None:
-    """The generator for the step noise of stochastic samplers (ddpm, ddim eta > 0): ``generator`` if given, else
-    one on ``device`` seeded from ``seeds`` (so seeded sampling is reproducible), else None (global RNG)."""
-    if generator is not None or seeds is None:
+def step_generator(seeds: Sequence[int] | None, generator: torch.Generator | None, device,
+                   per_seed: int = 1) -> torch.Generator | list[torch.Generator] | None:
+    """The step-noise source of the stochastic samplers (ddpm, ddim with eta > 0).
+
+    With ``seeds``: a list of ``len(seeds) * per_seed`` generators on ``device``, row ``i * per_seed + j`` seeded from
+    (seeds[i], j), so every row's noise depends only on its own seed (and a batch's rows do not depend on each other).
+    Else ``generator`` (one stream for the batch), else None (the global RNG)."""
+    if seeds is None:
         return generator
-    g = torch.Generator(device=device)
-    g.manual_seed(int(sum(int(s) * 1000003 ** i for i, s in enumerate(seeds)) % (2 ** 63)))
-    return g
+    return [torch.Generator(device=device).manual_seed(((int(s) << 16) + j) % 2 ** 63)
+            for s in seeds for j in range(per_seed)]
+
+
+def _step_noise(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like x, from one generator or from one generator per row."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} per-row generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _indices(n: int, progress: bool, reverse: bool = True):
@@ -78,8 +94,7 @@ def sample_ddpm(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_k
     for i in _indices(diff.num_steps, progress):
         out = diff.p_mean_variance(model_fn, x, _t(i, x), clip_denoised, model_kwargs, denoised_fn)
         if i > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = out["mean"] + torch.exp(0.5 * out["log_var"]) * noise
+            x = out["mean"] + torch.exp(0.5 * out["log_var"]) * _step_noise(x, generator)
         else:
             x = out["mean"]
         if callback is not None:
@@ -105,8 +120,7 @@ def sample_ddim(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_k
         x = abar_prev.sqrt() * pred["x0"]
         if eta > 0 and i > 0:
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * pred["eps"] + sigma * noise
+            x = x + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * pred["eps"] + sigma * _step_noise(x, generator)
         else:
             x = x + (1 - abar_prev).sqrt() * pred["eps"]
         if callback is not None:

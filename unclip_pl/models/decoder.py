@@ -24,9 +24,12 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 def run_sampler(diffusion: GaussianDiffusion, model_fn, x_T: torch.Tensor, sampler: str, steps, eta: float = 0.0,
-                generator: torch.Generator | None = None, clip_denoised: bool = True, progress: bool = False):
-    """Dispatch to one of the samplers of ``unclip_pl.diffusion.samplers``. Returns x_0 (B, C, H, W)."""
-    if generator is not None and generator.device != x_T.device:
+                generator: torch.Generator | list[torch.Generator] | None = None, clip_denoised: bool = True,
+                progress: bool = False):
+    """Dispatch to one of the samplers of ``unclip_pl.diffusion.samplers`` (``generator``: one, or one per row).
+    Returns x_0 (B, C, H, W)."""
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    if first is not None and first.device != x_T.device:
         generator = None          # samplers draw step noise on x's device; a CPU generator cannot serve CUDA
     common = dict(steps=steps, generator=generator, clip_denoised=clip_denoised, progress=progress)
     if sampler == "ddpm":
@@ -165,10 +168,9 @@ class Decoder(nn.Module):
                progress: bool = False) -> torch.Tensor:
         """Generate images (B, 3, S, S) in [-1, 1] from clip_emb (B, D) and captions (tokens (B, L) or text states).
 
-        ``seeds`` (one per image) makes each image's starting noise depend only on its own seed (with the
-        deterministic samplers, ddim eta=0 and dpmpp_2m, the whole image does; the step noise of ddpm / ddim eta>0
-        is then drawn from a generator seeded by all the seeds); ``generator`` otherwise;
-        ``x_T`` (B, 3, S, S) overrides both (e.g. from ``invert``)."""
+        ``seeds`` (one per image) makes image i depend only on seeds[i] (its starting noise, and the step noise of
+        ddpm / ddim eta > 0), not on the rest of the batch; ``generator`` otherwise (one stream for the batch);
+        ``x_T`` (B, 3, S, S) replaces the starting noise (e.g. from ``invert``)."""
         B = clip_emb.shape[0]
         size = image_size or self.image_size
         if x_T is None:

@@ -163,9 +163,8 @@ class DiffusionPrior(nn.Module):
             guidance_scale: classifier-free guidance scale (1 = conditional only, no extra pass).
             best_of: N candidates per caption (batched as B*N); the one with the largest dot product with z_t wins.
             generator: torch.Generator on the embeddings' device for every random draw (makes sampling deterministic).
-            seeds: B per-caption seeds: caption i's N starting noises depend only on seeds[i], so with a deterministic
-                sampler (DDIM eta = 0, DPM-Solver++) its embedding does not depend on the rest of the batch. Step
-                noise of stochastic samplers comes from one generator seeded by all the seeds (or ``generator``).
+            seeds: B per-caption seeds: caption i's N candidates (starting noise and the step noise of DDPM / DDIM
+                with eta > 0) depend only on seeds[i], so its embedding does not depend on the rest of the batch.
             use_cache: encode the step-independent caption/z_t prefix once (``net.encode_prefix``) and run only the
                 3 step-dependent tokens per step (``net.forward_cached``); same result, many times faster.
         Returns:
@@ -201,8 +200,8 @@ class DiffusionPrior(nn.Module):
         else:
             model_fn, model_kwargs = classifier_free_guidance(net_fn, guidance_scale, cond, uncond), None
         x_T = initial_noise((b, n, self.embed_dim), device, generator=generator, seeds=seeds).view(b * n, -1)
-        common = dict(steps=steps, model_kwargs=model_kwargs, generator=step_generator(seeds, generator, device),
-                      progress=progress)
+        common = dict(steps=steps, model_kwargs=model_kwargs, progress=progress,
+                      generator=step_generator(seeds, generator, device, per_seed=n))
         if sampler == "ddim":
             x0 = sample_ddim(self.diffusion, model_fn, x_T, eta=eta, **common)
         elif sampler == "ddpm":

@@ -35,13 +35,16 @@ def _groups(channels: int) -> int:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype (stable under bf16/fp16)."""
+    """GroupNorm computed in float32 and cast back to the input dtype (stable under bf16/fp16, with float32 or
+    low-precision weights alike)."""
 
     def __init__(self, channels: int):
         super().__init__(_groups(channels), channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def zero_module(m: nn.Module) -> nn.Module:
