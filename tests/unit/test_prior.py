@@ -400,9 +400,13 @@ def test_config_instantiates_and_steps():
 
 @pytest.mark.slow
 def test_paper_config_instantiates_and_steps():
+    """One AdamW step of the 1.2B-parameter paper prior on the CPU. Without the EMA copy and with the per-tensor
+    AdamW (no foreach temporaries) it peaked at 20 GB on a 24 GB dev machine; with both it was OOM-killed."""
     from hydra.utils import instantiate
 
     cfg = _compose_prior("diffusion_paper")
+    cfg.prior.module.ema_decay = None
+    cfg.prior.module.optimizer.foreach = False
     clip = tiny_clip()
     module = instantiate(cfg.prior.module, clip=clip)
     n = sum(p.numel() for p in module.model.net.parameters())
