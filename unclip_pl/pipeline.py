@@ -316,7 +316,8 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def upsample(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Run every upsampler in order: (B, 3, s, s) -> (B, 3, S, S). Each upsampler's input is first resized to
-        its ``low_res_size`` when it differs; upsampler j draws its noise from ``stage_seeds(seeds, "upsampler", j)``."""
+        its ``low_res_size`` when it differs; upsampler j draws its noise from
+        ``stage_seeds(seeds, "upsampler", j)``."""
         seeds = list(seeds) if seeds is not None else default_seeds(images.shape[0])
         bs = max(1, self.settings.batch_size)
         for j, up in enumerate(self.upsamplers):
@@ -420,7 +421,8 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def probe(self, image: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
-        """CLIP zero-shot label probabilities for one image: softmax over labels of logit_scale * cos: (len(labels),)."""
+        """CLIP zero-shot label probabilities for one image: softmax over labels of logit_scale * cos:
+        (len(labels),)."""
         z_i = self.embed_images(image)[:1]
         z_t = self.embed_texts(labels)
         scale = getattr(getattr(self.clip, "model", None), "logit_scale", None)

@@ -188,7 +188,8 @@ def load_frozen_clip(cfg: DictConfig, trainer_cfg: DictConfig | None = None):
     if checkpoint and not Path(checkpoint).exists():
         if not cfg.clip.get("autotrain", False):
             raise ConfigError(f"CLIP checkpoint {checkpoint} does not exist: pass an existing file with "
-                              f"clip.loader.checkpoint=/path/to/weights, or train one with `python train.py stage=clip`.")
+                              "clip.loader.checkpoint=/path/to/weights, or train one with "
+                              "`python train.py stage=clip`.")
         log.info("No CLIP checkpoint at %s: training the small CLIP first (once; later runs reuse it).", checkpoint)
         clip_cfg = cfg.copy()
         with open_dict(clip_cfg):

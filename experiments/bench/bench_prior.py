@@ -176,7 +176,8 @@ def main() -> None:
                   "step (K/V cache, exact because the mask is causal), so 64 steps cost about 64 x 3 + 78 "
                   "token-passes instead of 64 x 81."]
     if not gpu:
-        lines += ["", f"CPU numbers are indicative only: the run took {time.perf_counter() - t_start:.0f} s on a shared "
+        lines += ["", "CPU numbers are indicative only: the run took "
+                      f"{time.perf_counter() - t_start:.0f} s on a shared "
                       f"machine (load average {open('/proc/loadavg').read().split()[0]} at the end)."]
     body = "\n".join(lines)
     print(body)

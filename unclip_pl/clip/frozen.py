@@ -83,7 +83,8 @@ def can_trim(model: nn.Module) -> bool:
     """True when trimming padding is exact: causal mask and end-token (argmax) pooling, no class token."""
     tower = text_tower(model)
     pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-    return getattr(tower, "attn_mask", None) is not None and pool == "argmax" and getattr(tower, "cls_emb", None) is None
+    causal = getattr(tower, "attn_mask", None) is not None
+    return causal and pool == "argmax" and getattr(tower, "cls_emb", None) is None
 
 
 TRIM_MULTIPLE = 8  # trimmed caption lengths are rounded up to this: few distinct shapes (torch.compile), aligned

@@ -748,6 +748,7 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
 
 __all__ = [
     "IMAGE_EXTS", "VALID_NEEDS", "ShardError", "MissingKeyError", "expand_urls", "open_url", "iter_tar",
-    "tar_samples", "ShuffleBuffer", "count_samples", "encode_sample", "ShardWriter", "write_shards", "LoaderStats", "DecodeSamples",
+    "tar_samples", "ShuffleBuffer", "count_samples", "encode_sample", "ShardWriter", "write_shards", "LoaderStats",
+    "DecodeSamples",
     "collate", "Tokenize", "AddKey", "EpochCap", "RepeatedShardList", "batches_per_worker", "build_pipeline",
 ]

@@ -33,7 +33,8 @@ def flatten_alpha(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return canvas.convert("RGB")
 
 
-def resize_crop(img: Image.Image, size: int, random_crop: bool = False, rng: random.Random | None = None) -> Image.Image:
+def resize_crop(img: Image.Image, size: int, random_crop: bool = False,
+                rng: random.Random | None = None) -> Image.Image:
     """Resize so the shorter side is ``size`` then crop a ``size x size`` square (centre or random)."""
     w, h = img.size
     if min(w, h) != size:

@@ -2,7 +2,8 @@
 
 A pre-LayerNorm Transformer over CLIP token ids (open_clip SimpleTokenizer ids: start token .. end token, then
 0-padding). Attention is bidirectional with padding keys masked out; the per-token states (after a final LayerNorm)
-become the decoder's context sequence. The alternative is the frozen CLIP's per-token outputs (``FrozenCLIP.encode_text``), selected in
+become the decoder's context sequence. The alternative is the frozen CLIP's per-token outputs
+(``FrozenCLIP.encode_text``), selected in
 the decoder config.
 """
 

@@ -243,7 +243,8 @@ class UNet(nn.Module):
             self.clip_to_time = None
             self.clip_to_tokens = None
         if pool_context and ctx_dim is None:
-            raise ValueError("pool_context needs caption states, i.e. attention (attention_resolutions) and context_dim")
+            raise ValueError("pool_context needs caption states, i.e. attention (attention_resolutions) and "
+                             "context_dim")
         self.context_to_time = nn.Linear(ctx_dim, emb_ch) if pool_context else None   # GLIDE's pooled caption
 
         def attn(ch: int, ds: int) -> AttentionBlock | None:
