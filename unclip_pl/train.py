@@ -209,20 +209,6 @@ def load_frozen_clip(cfg: DictConfig, trainer_cfg: DictConfig | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
-def clip_stage_tokenizer(cfg: DictConfig, module: Any) -> Any:
-    """The loader tokenizer of the CLIP stage: the trained architecture's own, trimming caption padding in the workers
-    when the module trims text and trimming is exact for its text tower."""
-    import open_clip
-
-    from unclip_pl.clip.frozen import TrimmingTokenizer, can_trim
-
-    tokenizer = open_clip.get_tokenizer(cfg.clip.loader.model_name)
-    model = getattr(module, "model", None)
-    if getattr(model, "trim_text", False) and can_trim(model.clip):
-        return TrimmingTokenizer(tokenizer)
-    return tokenizer
-
-
 def trainer_kwargs(cfg: DictConfig, stage: str) -> dict[str, Any]:
     """``cfg.trainer`` with nulls filled from the stage's recommended ``trainer:`` block, remaining nulls dropped."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -299,7 +285,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     module = build_with_optional(scfg.module, f"{stage}.module", clip=clip)
     if clip is None and "tokens" in scfg.needs:  # the CLIP stage tokenises for the model it trains
-        datamodule.tokenizer = clip_stage_tokenizer(cfg, module)
+        datamodule.tokenizer = module.loader_tokenizer
     transform = getattr(module, "loader_batch_transform", None)
     if transform is not None:  # work the module moves into the loader workers (e.g. the upsampler's BSR)
         datamodule.train_batch_transform = transform

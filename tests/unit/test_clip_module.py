@@ -130,17 +130,13 @@ def test_warmup_cosine_schedule():
 
 
 def test_clip_stage_loader_tokenizer_trims_only_when_exact(tmp_path):
-    from omegaconf import OmegaConf
-
     from unclip_pl.clip.frozen import TrimmingTokenizer
-    from unclip_pl.train import clip_stage_tokenizer
 
-    cfg = OmegaConf.create({"clip": {"loader": {"model_name": "unclip-tiny"}}})
-    assert isinstance(clip_stage_tokenizer(cfg, _module(tmp_path)), TrimmingTokenizer)
-    assert not isinstance(clip_stage_tokenizer(cfg, _module(tmp_path, trim_text=False)), TrimmingTokenizer)
+    assert isinstance(_module(tmp_path).loader_tokenizer, TrimmingTokenizer)
+    assert not isinstance(_module(tmp_path, trim_text=False).loader_tokenizer, TrimmingTokenizer)
     non_causal = dict(TINY_CFG, text_cfg={**TINY_CFG["text_cfg"], "no_causal_mask": True, "pool_type": "first"})
     module = CLIPModule(model_cfg=non_causal)
-    assert not isinstance(clip_stage_tokenizer(cfg, module), TrimmingTokenizer)  # padding changes its outputs
+    assert not isinstance(module.loader_tokenizer, TrimmingTokenizer)  # padding changes its outputs
 
 
 def _free_port() -> int:

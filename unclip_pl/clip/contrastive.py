@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.clip.frozen import encode_text_tokens, model_image_size, preprocess_images
+from unclip_pl.clip.frozen import (encode_text_tokens, loader_tokenizer, model_image_size, preprocess_images,
+                                   tokenizer_for)
 from unclip_pl.clip.small import DEFAULT_SMALL, SMALL_CLIP_CONFIGS, build_from_config, small_clip_config
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -50,6 +51,12 @@ class ContrastiveCLIP(nn.Module):
         """(B, L) int64 -> (B, D) unit-norm."""
         pooled, _, _ = encode_text_tokens(self.clip, tokens, trim=self.trim_text)
         return F.normalize(pooled, dim=-1)
+
+    @property
+    def loader_tokenizer(self) -> Any:
+        """Picklable ``list[str] -> (B, L')`` tokenizer for the loader workers, trimming caption padding where
+        exact (``trim_text``)."""
+        return loader_tokenizer(tokenizer_for(self.clip, self.model_name), self.clip, self.trim_text)
 
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()

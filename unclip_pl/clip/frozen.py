@@ -103,7 +103,8 @@ def trim_tokens(tokens: torch.Tensor, multiple: int = TRIM_MULTIPLE) -> torch.Te
 
 class TrimmingTokenizer:
     """Picklable ``list[str] -> (B, L')`` tokenizer for loader workers: the wrapped tokenizer, then
-    :func:`trim_tokens` on the CPU. Use it only for text towers where :func:`can_trim` holds."""
+    :func:`trim_tokens` on the CPU. Use it only for text towers where :func:`can_trim` holds (see
+    :func:`loader_tokenizer`)."""
 
     def __init__(self, tokenizer: Any, multiple: int = TRIM_MULTIPLE):
         self.tokenizer = tokenizer
@@ -113,6 +114,12 @@ class TrimmingTokenizer:
         return trim_tokens(torch.as_tensor(self.tokenizer(list(texts)), dtype=torch.long), self.multiple)
 
 
+def loader_tokenizer(tokenizer: Any, model: nn.Module, trim: bool = True) -> Any:
+    """The picklable tokenizer to give data loaders for ``model``'s text tower: ``tokenizer`` wrapped in a
+    :class:`TrimmingTokenizer` when ``trim`` and trimming is exact for the tower, else ``tokenizer`` itself."""
+    return TrimmingTokenizer(tokenizer) if trim and can_trim(model) else tokenizer
+
+
 def encode_text_tokens(model: nn.Module, tokens: torch.Tensor, trim: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run an open_clip text tower keeping per-token states.
@@ -120,7 +127,7 @@ def encode_text_tokens(model: nn.Module, tokens: torch.Tensor, trim: bool = True
     tokens: (B, L) int64, open_clip SimpleTokenizer ids (start .. end token, 0-padded; id 0 is also a real BPE token,
     so real tokens are found by position: up to the end token = argmax id). L may be shorter than the context length.
     trim: when ``tokens`` is on the CPU and trimming is exact for this tower, cut the padding first
-    (:func:`trim_tokens`).
+    (:func:`trim_tokens`), then move them to the model's device.
     Device tensors are used at the length given, with no host sync: trim them on the CPU beforehand (the loaders do,
     with :class:`TrimmingTokenizer`).
     Returns (pooled (B, D) NOT normalised, states (B, L', W) after ln_final, mask (B, L') bool).
@@ -128,6 +135,7 @@ def encode_text_tokens(model: nn.Module, tokens: torch.Tensor, trim: bool = True
     tower = text_tower(model)
     if trim and tokens.device.type == "cpu" and can_trim(model):
         tokens = trim_tokens(tokens)
+    tokens = tokens.to(_device_of(model))
     length = tokens.shape[1]
     eot = tokens.argmax(dim=-1)  # (B,) end-token position
     transformer = tower.transformer
@@ -190,7 +198,6 @@ class FrozenCLIP(nn.Module):
         self.std = tuple(float(v) for v in pp.get("std", OPENAI_STD))
         self.interpolation = str(pp.get("interpolation", "bicubic"))
         self.trim = trim
-        self._can_trim = can_trim(model)
         with torch.no_grad():
             probe = torch.zeros(1, self.context_length, dtype=torch.long)
             probe[0, 0], probe[0, 1] = 1, 2
@@ -230,7 +237,7 @@ class FrozenCLIP(nn.Module):
     @property
     def loader_tokenizer(self) -> Any:
         """Picklable ``list[str] -> (B, L')`` tokenizer for data loaders (trimming where exact)."""
-        return TrimmingTokenizer(self.tokenizer) if self.trim and self._can_trim else self.tokenizer
+        return loader_tokenizer(self.tokenizer, self.model, self.trim)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -243,9 +250,7 @@ class FrozenCLIP(nn.Module):
         """tokens (B, L) int64 (or a list of captions) -> TextEncoding(emb (B, D), tokens (B, L', W), mask (B, L'))."""
         if not isinstance(tokens, torch.Tensor):
             tokens = self.tokenize(tokens)
-        if self.trim and self._can_trim and tokens.device.type == "cpu":
-            tokens = trim_tokens(tokens)  # on the CPU, before the copy: free here, a host sync on the GPU
-        pooled, states, mask = encode_text_tokens(self.model, tokens.to(self.device), trim=False)
+        pooled, states, mask = encode_text_tokens(self.model, tokens, trim=self.trim)
         return TextEncoding(emb=F.normalize(pooled.float(), dim=-1), tokens=states.float(), mask=mask)
 
     def extra_repr(self) -> str:
@@ -309,7 +314,8 @@ def check_expect(clip: FrozenCLIP, **expect: Any) -> None:
                             + ". Fix the clip config (or choose the matching clip=... option).")
 
 
-def _tokenizer_for(model: nn.Module, model_name: str) -> Any:
+def tokenizer_for(model: nn.Module, model_name: str) -> Any:
+    """The open_clip tokenizer of ``model`` (named ``model_name``), at its text tower's context length."""
     context_length = int(text_tower(model).positional_embedding.shape[0])
     if model_name in SMALL_CLIP_CONFIGS or model_name not in open_clip.list_models():
         return open_clip.SimpleTokenizer(context_length=context_length)
@@ -341,7 +347,7 @@ def _load_from_checkpoint(model_name: str, path: Path) -> tuple[nn.Module, Any, 
         state_dict = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
         model = _build_architecture(model_name)
     _load_state_dict_strict(model, state_dict, path)
-    return model, _tokenizer_for(model, name), name
+    return model, tokenizer_for(model, name), name
 
 
 def _build_architecture(model_name: str) -> nn.Module:
@@ -473,4 +479,4 @@ def _load_pretrained(model_name: str, pretrained: str, cache_dir: str | None) ->
         if key in pcfg:
             pp[key] = pcfg[key]
     open_clip.model.set_model_preprocess_cfg(model, {**{"mean": OPENAI_MEAN, "std": OPENAI_STD}, **pp})
-    return model, _tokenizer_for(model, model_name), model_name
+    return model, tokenizer_for(model, model_name), model_name

@@ -61,6 +61,11 @@ class CLIPModule(StageModule):
         self._gather_pad_to: int | None = None
 
     # ------------------------------------------------------------------ training
+    @property
+    def loader_tokenizer(self) -> Any:
+        """The data loader's tokenizer: the trained architecture's own, trimming caption padding in the workers."""
+        return self.model.loader_tokenizer
+
     def setup(self, stage: str) -> None:
         # an upper bound on every rank's batch lets the multi-rank feature gather run without host syncs
         batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
