@@ -217,9 +217,6 @@ class UnCLIPPipeline:
             size = int(up.image_size)
         return size
 
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(int(seed))
-
     # ------------------------------------------------------------------ CLIP
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]):
@@ -282,7 +279,8 @@ class UnCLIPPipeline:
         Args:
             z_i: (B, D) CLIP image embeddings (any norm; used as given).
             captions: B captions (None entries, or None for all: no caption).
-            seeds: B per-image seeds of the starting noise (default 0..B-1); ignored where ``x_T`` is given.
+            seeds: B per-image seeds (default 0..B-1) of the starting noise and of the stochastic samplers' step
+                noise (only the latter where ``x_T`` is given).
             x_T: optional (B, 3, S, S) starting noise of the decoder (e.g. a DDIM inversion).
             guidance_scale / eta: override the decoder settings for this call.
         Returns:
@@ -302,14 +300,11 @@ class UnCLIPPipeline:
         for i in range(0, b, bs):
             sl = slice(i, i + bs)
             text = self._caption_states(captions[sl])
-            kwargs = dict(text=text, steps=s.steps, sampler=s.sampler, eta=s.eta if eta is None else eta,
-                          guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-                          generator=self._generator(seeds[i]), progress=self.settings.progress)
-            if x_T is not None:
-                kwargs["x_T"] = x_T[sl].to(self.device)
-            else:
-                kwargs["seeds"] = seeds[sl]
-            out.append(self.decoder.sample(z_i[sl], **kwargs).float())
+            x_T_sl = x_T[sl].to(self.device) if x_T is not None else None  # else drawn per image from its seed
+            out.append(self.decoder.sample(
+                z_i[sl], text=text, steps=s.steps, sampler=s.sampler, eta=s.eta if eta is None else eta,
+                guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, seeds=seeds[sl],
+                x_T=x_T_sl, progress=self.settings.progress).float())
         images = torch.cat(out)
         return self.upsample(images, seeds) if upsample else images
 

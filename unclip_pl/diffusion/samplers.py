@@ -6,8 +6,9 @@ Common arguments:
     x_T: starting noise (B, C, ...) or a shape tuple (then drawn with `generator` on `device`).
     steps: respacing spec for `diffusion.respaced` (int, "ddimN", list); None = the diffusion's own steps.
     model_kwargs: conditioning passed as model_fn(x, t, **model_kwargs).
-    generator: torch.Generator for every random draw (must live on x's device), or a list of B generators, one per
-        row, so that row i's step noise depends only on its own generator (see :func:`step_generator`).
+    generator: torch.Generator for every random draw (must live on x's device), or, with x_T given as a tensor, a
+        list of B generators, one per row, so that row i's step noise depends only on its own generator (see
+        :func:`step_generator`; :func:`initial_noise` draws x_T per row from seeds).
     clip_denoised: clamp the predicted x0 to [-1, 1]; denoised_fn: hook x0 -> x0 applied after it.
     progress: show a tqdm bar; callback: called as callback(i, x, x0) after each step, with i the step index
         in the respaced schedule (counting down), x the new sample and x0 the prediction used for it.
@@ -27,9 +28,6 @@ def _schedule(diffusion: GaussianDiffusion, steps) -> GaussianDiffusion:
 def _initial_noise(x_T, generator, device, dtype=torch.float32) -> torch.Tensor:
     if isinstance(x_T, torch.Tensor):
         return x_T
-    if isinstance(generator, (list, tuple)):  # one generator per row
-        device = device if device is not None else generator[0].device
-        return _step_noise(torch.empty(tuple(x_T), device=device, dtype=dtype), generator)
     if device is None:
         device = generator.device if generator is not None else "cpu"
     return torch.randn(tuple(x_T), generator=generator, device=device, dtype=dtype)
