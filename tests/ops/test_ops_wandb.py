@@ -3,6 +3,8 @@ is kept in the run directory and reused when the run resumes."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from ops_helpers import compose_ops
 
@@ -32,8 +34,12 @@ def test_wandb_offline_same_id_after_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     fit(compose_ops(["trainer.max_steps=2", "logger=wandb"], tmp_path))
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and runs[0].name.endswith(run_id)
+
+    def run_ids() -> list[str]:  # offline-run-<date>_<time>-<id>, plus "-1" when two runs start in the same second
+        return [re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+?)(-\d+)?", r.name).group(1)
+                for r in sorted((tmp_path / "wandb").glob("offline-run-*"))]
+
+    assert run_ids() == [run_id]
     fit(compose_ops(["trainer.max_steps=3", "logger=wandb"], tmp_path))  # resumes from last.ckpt
     assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
-    assert all(r.name.endswith(run_id) for r in (tmp_path / "wandb").glob("offline-run-*"))
+    assert run_ids() == [run_id, run_id]
