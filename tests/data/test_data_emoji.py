@@ -7,8 +7,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from unclip_pl.data.emoji import (EmojiDataModule, caption_from_name, codepoints, match_twemoji, prepare_emoji,
-                                  split_codepoints)
+from unclip_pl.data.emoji import (FORMAT_VERSION, MAX_VAL_FAMILY, EmojiDataModule, caption_from_name, codepoints,
+                                  family_key, match_twemoji, prepare_emoji, split_codepoints)
 from unclip_pl.data.shards import iter_tar
 
 
@@ -45,7 +45,7 @@ def test_prepare_subset(tmp_path, capsys):
         assert (arr[0, 0] == 255).all() and (arr[-1, -1] == 255).all()  # transparent corners became white
     # deterministic split: same assignment from the hash, and the manifest is reused
     cps = [x["__key__"][1:] for s in ("train", "val") for x in samples[s]]
-    split = split_codepoints(cps, 0.05)
+    split = split_codepoints(cps)  # the preparer's default fraction
     assert all(split[x["__key__"][1:]] == s for s in ("train", "val") for x in samples[s])
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["counts"]["matched"] == 40
@@ -72,3 +72,44 @@ def test_datamodule_prepares_on_first_use(tmp_path):
     assert b["image"].max() == 1.0  # white background
     n_val = sum(len(b["key"]) for b in dm.val_dataloader())
     assert n_val >= 1
+
+
+def test_family_key_joins_tones_genders_and_person_forms():
+    surfers = ["1f3c4", "1f3c4-1f3fb", "1f3c4-1f3ff-200d-2640-fe0f", "1f3c4-200d-2642-fe0f"]
+    assert {family_key(cp) for cp in surfers} == {"1f3c4"}
+    technologists = ["1f468-200d-1f4bb", "1f469-1f3fd-200d-1f4bb", "1f9d1-200d-1f4bb"]  # man / woman / person
+    assert len({family_key(cp) for cp in technologists}) == 1
+    families = ["1f46a", "1f468-200d-1f469-200d-1f467", "1f469-200d-1f466"]
+    assert {family_key(cp) for cp in families} == {"family"}
+    assert family_key("1f491") == family_key("1f469-200d-2764-fe0f-200d-1f468") == family_key(
+        "1f9d1-1f3fb-200d-2764-fe0f-200d-1f9d1-1f3ff")  # couple with heart, in every form
+    assert family_key("1f3c3-200d-27a1-fe0f") == family_key("1f3c3")  # "facing right" is the mirrored form
+    assert family_key("2640") == "2640" and family_key("1f600") != family_key("1f603")  # no over-merging
+
+
+def test_no_family_spans_both_splits():
+    """The whole data set: every skin-tone / gender / person form of an emoji lands in one split."""
+    cps = [cp for cp, _, _ in match_twemoji()[0]]
+    split = split_codepoints(cps)
+    sides: dict[str, set[str]] = {}
+    for cp in cps:
+        sides.setdefault(family_key(cp), set()).add(split[cp])
+    assert all(len(s) == 1 for s in sides.values()), [k for k, s in sides.items() if len(s) > 1][:5]
+    val = [cp for cp in cps if split[cp] == "val"]
+    assert 150 <= len(val) <= 300  # about 5% of the emoji, in whole families
+    assert max(sum(family_key(c) == family_key(cp) for c in val) for cp in val) <= MAX_VAL_FAMILY
+    # the example of a leak the per-code-point split had: surfers of two skin tones on both sides
+    assert split["1f3c4-1f3ff"] == split["1f3c4-1f3fb"] == split["1f3c4-200d-2640-fe0f"]
+
+
+def test_old_split_is_prepared_again_with_the_reason(tmp_path, capsys):
+    root = tmp_path / "emoji"
+    urls = prepare_emoji(root, limit=20, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT_VERSION and manifest["counts"]["val_families"] >= 1
+    (root / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    capsys.readouterr()
+    assert prepare_emoji(root, limit=20, progress=False) == urls
+    err = capsys.readouterr().err
+    assert "format 1" in err and "preparing it again" in err and "split by family" in err
+    assert json.loads((root / "manifest.json").read_text())["format"] == FORMAT_VERSION
