@@ -35,10 +35,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class EMA(nn.Module):
-    """Exponential moving average of a module's parameters (buffers are copied).
+    """Exponential moving average of a module's parameters (buffers are copied), updated once per optimiser step.
 
-    The effective decay warms up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the
-    random initialisation.
+    The effective decay warms up as ``min(decay, (1 + n) / (10 + n))`` (``n``: optimiser steps averaged so far) so
+    early averages are not dominated by the random initialisation.
+
+    Kept instead of Lightning's ``EMAWeightAveraging`` (fixed decay, a device->host read of its count every update,
+    the average swapped into the trained model's keys): this one warms up, needs no sync, and lives in the checkpoint
+    under the stable ``ema.module.*`` keys that validation, sampling and export read.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -102,6 +106,7 @@ class StageModule(pl.LightningModule):
         self.lr_schedule = lr_schedule
         self.min_lr_ratio = min_lr_ratio
         self.ema = EMA(model, ema_decay) if ema_decay is not None else None
+        self._ema_step = 0  # the optimiser step (trainer.global_step) the EMA last saw
         self.clip = clip
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, set by unclip_pl.train
 
@@ -130,9 +135,16 @@ class StageModule(pl.LightningModule):
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                 self.log("train/grad_norm", norm)
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step  # restored from the checkpoint when resuming
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+        # Once per optimiser step, not per micro-batch: with accumulate_grad_batches=k the optimiser steps every k-th
+        # batch (global_step, a host int, counts the steps in automatic and manual optimisation alike).
+        step = self.trainer.global_step
+        if self.ema is not None and step > self._ema_step:
             self.ema.update(self.model)
+        self._ema_step = step
 
     def configure_optimizers(self):
         factory = self.optimizer_factory
