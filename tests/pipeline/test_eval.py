@@ -21,39 +21,115 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+CAPS = ["red heart", "blue car", "red heart", "green tree", "yellow sun", "cat face"]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    """train: 24 samples in 6 shards of 4; val: 6 samples in 2 shards of 3."""
     from unclip_pl.data.shards import write_shards
 
     root = tmp_path_factory.mktemp("shards")
-    caps = ["red heart", "blue car", "red heart", "green tree", "yellow sun", "cat face"]
     out = {}
-    for split, n in (("train", 6), ("val", 6)):
+    for split, n, per_shard in (("train", 24, 4), ("val", 6, 3)):
         out[split] = write_shards([{"__key__": f"{split}{i:03d}", "png": _png(i + (100 if split == 'val' else 0)),
-                                    "txt": caps[i % len(caps)]} for i in range(n)], root, prefix=split)
+                                    "txt": CAPS[i % len(CAPS)]} for i in range(n)], root, prefix=split,
+                                  maxcount=per_shard)
     return out
 
 
-def test_eval_writes_results(tmp_path, tiny_pipeline, shards):
-    cfg = compose(["checkpoints.decoder=unused", "max_samples=5", "batch_size=4", "diversity.captions=2",
-                   "diversity.samples=2"], tmp_path, config_name="eval")
+@pytest.fixture(scope="module")
+def judge_clip(tmp_path_factory):
+    """A second tiny random CLIP (other weights, other width), exported like the conditioning one."""
+    from unclip_pl.clip import build_small_clip, export_clip
+    from unclip_pl.clip.small import small_clip_config
+
+    torch.manual_seed(1)
+    overrides = dict(embed_dim=8, vision_cfg={"image_size": 16, "width": 32, "layers": 1, "head_width": 16,
+                                              "patch_size": 8},
+                     text_cfg={"width": 32, "heads": 2, "layers": 1, "context_length": 77})
+    model = build_small_clip("unclip-tiny", **overrides)
+    return export_clip(model, "unclip-tiny", small_clip_config("unclip-tiny", **overrides),
+                       tmp_path_factory.mktemp("judge") / "judge_clip.pt")
+
+
+def test_subset_is_seeded_and_spans_shards(shards):
+    train = shards["train"]
+    assert len(train) == 6
+    a = eval_script.read_split(train, 16, 6, seed=0)
+    first_six = [f"train{i:03d}" for i in range(6)]
+    assert len(a.keys) == 6 and a.keys != first_six  # not the first N in shard order
+    assert len(set(a.shards)) >= 3 and a.split_size == 24 and a.describe()["kind"] == "random"
+    assert a.keys == sorted(a.keys)  # returned in shard order
+    b = eval_script.read_split(train, 16, 6, seed=0)
+    assert b.keys == a.keys and torch.equal(a.images, b.images)  # same seed, same images
+    assert eval_script.read_split(train, 16, 6, seed=1).keys != a.keys
+    every = eval_script.read_split(train, 16, None, seed=0)
+    assert every.keys == [f"train{i:03d}" for i in range(24)] and every.describe()["kind"] == "all"
+    assert every.images.shape == (24, 3, 16, 16) and every.captions == [CAPS[i % 6] for i in range(24)]
+    assert eval_script.read_split(train, 16, 100, seed=0).keys == every.keys  # a cap above the size: all of it
+
+
+def test_subset_is_uniform_over_the_stream():
+    counts = [0] * 20
+    for seed in range(400):
+        chosen, n = eval_script.seeded_subset(range(20), 5, seed)
+        assert n == 20 and len(chosen) == 5 and chosen == sorted(set(chosen))
+        for c in chosen:
+            counts[c] += 1
+    assert min(counts) > 50 and max(counts) < 150  # each item ~100 times: no bias to the first ones
+
+
+def test_max_samples_config_forms(tmp_path):
+    cfg = compose(["checkpoints.decoder=unused"], tmp_path, config_name="eval")
+    assert eval_script.split_cap(cfg.max_samples, "val") is None  # the whole val split by default
+    assert eval_script.split_cap(cfg.max_samples, "train") == cfg.max_samples.train
+    cfg = compose(["checkpoints.decoder=unused", "max_samples=7"], tmp_path, config_name="eval")
+    assert eval_script.split_cap(cfg.max_samples, "val") == eval_script.split_cap(cfg.max_samples, "train") == 7
+    with pytest.raises(eval_script.EvalError, match="positive integer"):
+        eval_script.split_cap({"train": 0}, "train")
+
+
+def test_eval_writes_results_for_both_judges(tmp_path, tiny_pipeline, shards, judge_clip):
+    cfg = compose(["checkpoints.decoder=unused", "max_samples.train=5", "batch_size=4", "diversity.captions=2",
+                   "diversity.samples=2", f"judge={judge_clip}"], tmp_path, config_name="eval")
     res = eval_script.evaluate(cfg, pipe=tiny_pipeline, urls=shards)
     saved = json.loads(Path(res["json"]).read_text())
     assert set(saved["splits"]) == {"val", "train"} and saved["image_size"] == UP
+    assert set(saved["judges"]) == {"conditioning", "judge"}
+    assert saved["judges"]["judge"]["fingerprint"] != saved["judges"]["conditioning"]["fingerprint"]
+    assert str(judge_clip) in saved["judges"]["judge"]["source"]
+    for split, cap in (("val", None), ("train", 5)):
+        data = eval_script.read_split(shards[split], UP, cap, seed=int(cfg.seed))
+        res_split = saved["splits"][split]
+        assert res_split["n"] == len(data.captions) and res_split["pool_size"] == len(set(data.captions))
+        assert res_split["subset"]["kind"] == ("all" if cap is None else "random")
+        for variant in ("real", "prior", "no_prior", "oracle"):
+            for judge in ("conditioning", "judge"):
+                m = res_split[variant][judge]
+                assert m["pool_size"] == res_split["pool_size"] and m["n"] == res_split["n"]
+                assert 0.0 <= m["top1"] <= m["top5"] <= 1.0 and -1.0 <= m["clip_score"] <= 1.0
     val = saved["splits"]["val"]
-    assert val["n"] == 5 and val["pool_size"] == 4  # "red heart" appears twice: merged in the retrieval pool
-    for variant in ("real", "prior", "no_prior", "oracle"):
-        m = val[variant]
-        assert 0.0 <= m["top1"] <= m["top5"] <= 1.0 and -1.0 <= m["clip_score"] <= 1.0
+    assert val["n"] == 6 and val["subset"]["shards_total"] == 2  # the whole val split by default
     for variant in ("prior", "no_prior", "oracle"):
-        assert val[variant]["clip_fid"] >= 0.0
-    assert val["no_prior"]["clip_fid"] != val["oracle"]["clip_fid"]  # different embeddings, different images
-    assert val["prior"]["diversity"] >= 0.0 and "no_prior" in saved["variants"]
-    assert (tmp_path / "results.md").read_text().count("| val |") == 4
+        cond, judge = val[variant]["conditioning"], val[variant]["judge"]
+        assert cond["clip_fid"] >= 0.0 and judge["clip_fid"] >= 0.0
+        assert cond["clip_fid"] != judge["clip_fid"] and cond["clip_score"] != judge["clip_score"]
+    assert val["no_prior"]["conditioning"]["clip_fid"] != val["oracle"]["conditioning"]["clip_fid"]
+    for judge in ("conditioning", "judge"):
+        assert val["prior"][judge]["diversity"] >= 0.0
+    assert val["prior"]["conditioning"]["diversity"] != val["prior"]["judge"]["diversity"]
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| val |") == 4 and md.count("| train |") == 4
+    header = next(line for line in md.splitlines() if line.startswith("| split |"))
+    for c in ("clip_fid", "clip_score", "top1", "top5", "diversity"):
+        assert f"cond {c}" in header and f"judge {c}" in header
+    assert "judge_clip.pt" in md and "no separate judge" not in md
+    assert f"retrieval ranks among the {val['pool_size']} distinct captions" in md
     assert (tmp_path / "val_prior.png").is_file()
 
 
-def test_eval_without_prior_skips_variant(tmp_path, tiny, shards):
+def test_eval_without_prior_or_judge(tmp_path, tiny, shards):
     from unclip_pl.pipeline import UnCLIPPipeline
 
     pipe = UnCLIPPipeline.from_checkpoints(clip=tiny["clip"], decoder=str(tiny["decoder"]), device="cpu")
@@ -61,6 +137,26 @@ def test_eval_without_prior_skips_variant(tmp_path, tiny, shards):
                    "diversity.captions=0", "save_grids=false"], tmp_path, config_name="eval")
     res = eval_script.evaluate(cfg, pipe=pipe, urls=shards)
     assert res["variants"] == ["no_prior"] and res["image_size"] == 16
+    assert set(res["judges"]) == {"conditioning"} and set(res["splits"]["val"]["no_prior"]) >= {"conditioning"}
+    assert "judge" not in res["splits"]["val"]["no_prior"]
+    md = (tmp_path / "results.md").read_text()
+    assert "no separate judge (`judge: null`)" in md and "judge clip_score" not in md and "cond clip_score" in md
+
+
+def test_bad_judge_is_one_clear_error(tmp_path, tiny):
+    from unclip_pl.metrics.judge import load_judge
+
+    with pytest.raises(eval_script.EvalError, match="no such file"):
+        eval_script.load_judges(compose(["checkpoints.decoder=unused", f"judge={tmp_path / 'nope.pt'}"], tmp_path,
+                                        config_name="eval"), type("P", (), {"clip": tiny["clip"], "device": "cpu"}))
+    plain = tmp_path / "state_dict.pt"
+    torch.save(tiny["clip"].model.state_dict(), plain)
+    with pytest.raises(ValueError, match="not an exported CLIP file.*model_name"):
+        load_judge(str(plain))
+    block = {"_target_": "unclip_pl.clip.frozen.load_clip", "model_name": "unclip-tiny",
+             "checkpoint": str(tiny["clip_path"])}
+    judge = load_judge(block)
+    assert judge.fingerprint == tiny["clip"].fingerprint and str(tiny["clip_path"]) in judge.source
 
 
 def test_eval_callback_logs_metrics(tiny):

@@ -81,6 +81,32 @@ def test_inception_status_is_fast_and_explains(tmp_path):
         assert "Inception" in reason or "torch-fidelity" in reason
 
 
+def test_inception_message_names_the_key_eval_reads(tmp_path, monkeypatch):
+    """The hint says how to pass the weights file; the key it names must be one eval.py's config accepts and
+    eval.py hands to the Inception metric."""
+    import re
+    import types
+
+    from .conftest import compose
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))  # "installed"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))  # nothing cached
+    path, reason = inception_weights_status(None)
+    assert path is None
+    found = re.search(r"\(([\w.]+)=/path/to/", reason)
+    assert found, reason
+    key = found.group(1)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"x")
+    cfg = compose(["checkpoints.decoder=unused", f"{key}={weights}"], tmp_path, config_name="eval")
+    assert inception_weights_status(cfg.get("inception_weights"))[0] == str(weights)  # what eval.py passes on
+    assert "inception_weights=" in inception_weights_status(tmp_path / "gone.pth")[1]
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # not installed: the hint names the extra
+    path, reason = inception_weights_status(weights)
+    assert path is None and '".[fid]"' in reason
+
+
 def test_caption_retrieval_deduplicates_pool():
     d = 8
     e = torch.eye(d)

@@ -160,27 +160,33 @@ class CLIPFrechetDistance(FrechetFeatureDistance):
 
 
 # ----------------------------------------------------------------------------------------------------------- Inception
-def inception_weights_status(weights_path: str | os.PathLike | None = None) -> tuple[str | None, str]:
+#: The config key that passes the weights file to ``python eval.py`` (top level of conf/eval.yaml).
+INCEPTION_WEIGHTS_KEY = "inception_weights"
+
+
+def inception_weights_status(weights_path: str | os.PathLike | None = None,
+                             key: str = INCEPTION_WEIGHTS_KEY) -> tuple[str | None, str]:
     """Find the FID Inception weights without touching the network.
 
     Returns (path or None, reason). ``weights_path`` (a local file) wins; otherwise the torch hub cache that
     torch-fidelity downloads into (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``).
+    ``key`` is the override named in the reason (``inception_weights=`` of eval.py).
     """
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        return None, ("torch-fidelity is not installed (torchmetrics' FrechetInceptionDistance needs it); "
-                      "Inception FID is skipped, CLIP-space FID is still reported")
+        return None, ("torch-fidelity is not installed (torchmetrics' FrechetInceptionDistance needs it: "
+                      "pip install -e \".[fid]\"); Inception FID is skipped, CLIP-space FID is still reported")
     if weights_path:
         p = Path(weights_path).expanduser()
         if p.is_file():
             return str(p), f"Inception weights from {p}"
-        return None, f"inception weights file {p} does not exist; Inception FID is skipped"
+        return None, f"inception weights file {p} ({key}=) does not exist; Inception FID is skipped"
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     if cached.is_file():
         return str(cached), f"Inception weights from the torch hub cache {cached}"
     return None, (f"no FID Inception weights in the torch hub cache ({cached}) and no local file given "
-                  f"(metrics.inception_weights=/path/to/{INCEPTION_WEIGHTS_FILE}); offline, so Inception FID is "
+                  f"({key}=/path/to/{INCEPTION_WEIGHTS_FILE}); offline, so Inception FID is "
                   f"skipped and CLIP-space FID is reported")
 
 
