@@ -10,7 +10,9 @@ SLURM sends a warning signal before the time limit (``#SBATCH --signal=USR1@120`
   installed before training started by anything other than Lightning (submitit's requeue handler, say) is
   called after the save, so submitit requeues with its own bookkeeping;
 * the trainer then stops cleanly. The restarted job (same run directory, ``resume: auto``) continues from
-  ``last.ckpt`` with the same global step and wandb run.
+  ``last.ckpt`` with the same global step and wandb run. When nothing requeues the job, the message prints the
+  command that does: the original command line with ``run_name=<this run>`` (the default run name is a time stamp,
+  so the same command alone would start a new run directory).
 
 This replaces Lightning's own SLURM auto-requeue handlers during training (they would write a separate
 ``hpc_ckpt_*.ckpt`` mid-step); the previous handlers are restored at teardown.
@@ -20,11 +22,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 
@@ -43,6 +49,47 @@ def _is_lightning_handler(handler: Any) -> bool:
     return type(owner).__module__.startswith(("pytorch_lightning", "lightning"))
 
 
+_RUN_NAME_OVERRIDE = re.compile(r"^\+{0,2}run_name=")
+
+
+def resume_command(argv: Sequence[str], run_name: str, python: str = "python",
+                   extra: Sequence[str] = ()) -> str:
+    """The shell command that continues this run: ``python <argv>`` with ``run_name=<run_name>`` in place of any
+    ``run_name=`` override (or appended), then ``extra`` overrides, each argument shell-quoted."""
+    args, named = [], False
+    for a in argv[1:]:
+        if _RUN_NAME_OVERRIDE.match(a):
+            if not named:
+                args.append(f"run_name={run_name}")
+            named = True
+        else:
+            args.append(a)
+    if not named:
+        args.append(f"run_name={run_name}")
+    return shlex.join([python, argv[0], *args, *extra])
+
+
+def _python() -> str:
+    """``python`` when that is the interpreter running now on the PATH, else the interpreter's full path."""
+    found = shutil.which("python")
+    return "python" if found and os.path.abspath(found) == os.path.abspath(sys.executable) else sys.executable
+
+
+def _this_run_command(run_name: str, ckpt: str) -> str:
+    """The resume command for the running process: its own command line; in a Hydra multirun, this job's
+    overrides plus ``ckpt_path`` (a sweep job's directory is not chosen by ``run_name``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+    except Exception:  # no Hydra
+        hc = None
+    if hc is not None and hc.get("mode") == RunMode.MULTIRUN:
+        return resume_command([sys.argv[0], *hc.overrides.task], run_name, _python(), extra=[f"ckpt_path={ckpt}"])
+    return resume_command(sys.argv, run_name, _python())
+
+
 def slurm_job_id() -> str | None:
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
@@ -59,14 +106,17 @@ class PreemptionCheckpoint(pl.Callback):
         stop_signals: signals after which the run only saves and stops (``TERM``: preemption or ``scancel``).
         requeue: allow ``scontrol requeue`` at all.
         sync_every_n_steps: with several ranks, how often (optimiser steps) the ranks agree on the flag.
+        run_name: this run's ``run_name`` (``${run_name}`` in the config; a number too, e.g. `run_name=42`), for the
+            resume command printed on stop.
     """
 
     def __init__(self, requeue_signals: list[str | int] = ("USR1",), stop_signals: list[str | int] = ("TERM", "USR2"),
-                 requeue: bool = True, sync_every_n_steps: int = 1):
+                 requeue: bool = True, sync_every_n_steps: int = 1, run_name: Any = None):
         self.requeue_signals = [_signum(s) for s in requeue_signals]
         self.stop_signals = [_signum(s) for s in stop_signals]
         self.requeue = bool(requeue)
         self.sync_every_n_steps = max(1, int(sync_every_n_steps))
+        self.run_name = None if run_name is None else str(run_name)
         self.received: signal.Signals | None = None
         self.saved_path: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
@@ -134,17 +184,25 @@ class PreemptionCheckpoint(pl.Callback):
         self.saved_path = path
         trainer.should_stop = True
         requeue = self.received in self.requeue_signals
-        pl.utilities.rank_zero_info(
-            f"Received {sig}: saved {path} at global step {trainer.global_step} and stopping"
-            + (" (requeueing)." if requeue and slurm_job_id() else
-               "; rerun the same command in the same run directory to resume."))
         previous = self._previous.get(self.received) if self.received is not None else None
         chained = callable(previous) and not _is_lightning_handler(previous)
+        pl.utilities.rank_zero_info(
+            f"Received {sig}: saved {path} at global step {trainer.global_step} and stopping"
+            + self._next_step_hint(requeue and self.requeue and bool(slurm_job_id()), chained, path))
         if requeue and self.requeue and not chained and trainer.is_global_zero:
             requeue_slurm_job()
         if chained:  # e.g. submitit: requeues itself (and exits) now that the state is saved
             self._restore()
             previous(int(self.received), None)
+
+    def _next_step_hint(self, requeueing: bool, chained: bool, path: str) -> str:
+        if requeueing:
+            return " (requeueing)."
+        if chained:
+            return " (handing over to the signal handler installed before training, e.g. submitit's requeue)."
+        if self.run_name is None:
+            return "; rerun the same command in the same run directory to resume."
+        return f"; to resume, run:\n  {_this_run_command(self.run_name, path)}"
 
 
 def requeue_slurm_job() -> bool:
