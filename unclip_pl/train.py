@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 import types
 import typing
 from pathlib import Path
@@ -182,30 +183,83 @@ def stage_needs_clip(cfg: DictConfig, stage: str) -> bool:
     return stage != "clip" and bool(needs & {"tokens", "img_emb", "txt_emb"})
 
 
-def load_frozen_clip(cfg: DictConfig, trainer_cfg: DictConfig | None = None):
-    """Load the frozen CLIP; train the small one first when the config allows it and no checkpoint exists."""
+def load_frozen_clip(cfg: DictConfig, data_id: str | None = None):
+    """Load the frozen CLIP from ``clip.loader``.
+
+    With ``clip.autotrain`` the small CLIP is trained first (announced, in ``<run dir>/clip_autotrain``) when the
+    cache file ``clip.loader.checkpoint`` is missing, or when it was trained on other data than ``data_id`` (e.g. an
+    older emoji split that overlaps today's val split; the old file is kept beside it as ``*.stale-<time>.pt``).
+    Only a complete autotrain fills the cache; a shorter one (``debug=fast``) serves this run alone, with a warning.
+    """
     checkpoint = cfg.clip.loader.get("checkpoint")
+    autotrain = bool(cfg.clip.get("autotrain", False))
+    if checkpoint and autotrain and Path(checkpoint).exists():
+        _set_aside_if_stale(Path(checkpoint), data_id)
+    loader = cfg.clip.loader
     if checkpoint and not Path(checkpoint).exists():
-        if not cfg.clip.get("autotrain", False):
+        if not autotrain:
             raise ConfigError(f"CLIP checkpoint {checkpoint} does not exist: pass an existing file with "
                               "clip.loader.checkpoint=/path/to/weights, or train one with "
-                              "`python train.py stage=clip`.")
-        log.info("No CLIP checkpoint at %s: training the small CLIP first (once; later runs reuse it).", checkpoint)
-        clip_cfg = cfg.copy()
-        with open_dict(clip_cfg):
-            clip_cfg.stage = "clip"
-            for name in GROUP_STAGES:
-                clip_cfg[name] = None
-            clip_cfg.ckpt_path = None
-            # The CLIP's own run length, whatever length the user set for the stage that needs it.
-            clip_cfg.trainer.max_epochs = None
-            clip_cfg.trainer.max_steps = None
-            clip_cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / "clip_autotrain")
-        fit(clip_cfg)
-        if not Path(checkpoint).exists():
-            raise RuntimeError(f"CLIP training finished but did not write {checkpoint}.")
+                              "`python train.py stage=clip clip.export_to=PATH`.")
+        trained = autotrain_clip(cfg, Path(checkpoint))
+        if trained != Path(checkpoint):
+            loader = loader.copy()
+            with open_dict(loader):
+                loader.checkpoint = str(trained)
     expect = {k: cfg.clip[k] for k in ("embed_dim", "text_width", "context_length", "image_size") if k in cfg.clip}
-    return build(cfg.clip.loader, "clip.loader", **expect)
+    return build(loader, "clip.loader", **expect)
+
+
+def _set_aside_if_stale(checkpoint: Path, data_id: str | None) -> None:
+    """Rename a cached CLIP trained on other data (or with no record of its data) so that autotrain replaces it."""
+    from unclip_pl.clip.small import read_training_record
+
+    if data_id is None:
+        return
+    record = read_training_record(checkpoint)
+    trained_on = (record or {}).get("data")
+    if trained_on == data_id:
+        return
+    aside = checkpoint.with_name(f"{checkpoint.stem}.stale-{time.strftime('%Y%m%d-%H%M%S')}{checkpoint.suffix}")
+    os.replace(checkpoint, aside)
+    log.warning("The cached CLIP %s was trained on %s, but this run's data is %s: training it again (the old file "
+                "is kept as %s). Set clip.autotrain=false to use it anyway.", checkpoint,
+                trained_on or "data it does not record", data_id, aside)
+
+
+def autotrain_clip(cfg: DictConfig, cache_path: Path) -> Path:
+    """Train the small CLIP for its recommended run in ``<run dir>/clip_autotrain`` and copy it to ``cache_path``
+    when the run is complete. Returns the file to load: the cache, or the run's own ``clip.pt`` for a short run."""
+    from unclip_pl.clip.small import describe_training, read_training_record
+    from unclip_pl.utils.checkpoint import atomic_save
+
+    run_dir = Path(cfg.paths.output_dir) / "clip_autotrain"
+    log.info("Step 1 of 2: no usable CLIP at %s, so training the small CLIP first (its recommended run, in %s); "
+             "later runs reuse it. Step 2 of 2 is the stage itself.", cache_path, run_dir)
+    clip_cfg = cfg.copy()
+    with open_dict(clip_cfg):
+        clip_cfg.stage = "clip"
+        for name in GROUP_STAGES:
+            clip_cfg[name] = None
+        clip_cfg.ckpt_path = None
+        # The CLIP's own run length, whatever length or time budget the user set for the stage that needs it.
+        clip_cfg.trainer.max_epochs = None
+        clip_cfg.trainer.max_steps = None
+        clip_cfg.trainer.max_time = None
+        clip_cfg.clip.export_to = None
+        clip_cfg.paths.output_dir = str(run_dir)
+    fit(clip_cfg)
+    trained = run_dir / "clip.pt"
+    record = read_training_record(trained)
+    if record is None:
+        raise RuntimeError(f"CLIP training finished but did not write {trained}.")
+    if record.get("smoke_test"):
+        log.warning("The CLIP autotrain was shorter than its recommended run (%s): this run uses %s, and the shared "
+                    "cache %s stays empty.", describe_training(record), trained, cache_path)
+        return trained
+    atomic_save(torch.load(trained, map_location="cpu", weights_only=True), cache_path)
+    log.info("Cached the trained CLIP at %s (%s).", cache_path, describe_training(record))
+    return cache_path
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -272,9 +326,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml", resolve=True)
     log.info("Training stage '%s'; run directory %s", stage, cfg.paths.output_dir)
 
-    clip = load_frozen_clip(cfg) if stage_needs_clip(cfg, stage) else None
-
     datamodule = build(cfg.data, "data", batch_size=data_batch_size(cfg, stage))
+    clip = load_frozen_clip(cfg, getattr(datamodule, "data_id", None)) if stage_needs_clip(cfg, stage) else None
     datamodule.needs = tuple(scfg.needs)
     apply_lr_scaling(cfg, scfg, getattr(datamodule, "batch_size", None) or cfg.data.get("batch_size") or 1)
     if scfg.get("image_size"):

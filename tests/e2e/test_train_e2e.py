@@ -101,3 +101,66 @@ def test_decoder_and_upsampler_train(emoji_root, tiny_clip, tmp_path):
     metrics = run(cfg)
     assert "val/loss" in metrics
     assert (tmp_path / "upsampler" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_clip_export_records_how_it_was_trained(tiny_clip, emoji_root, caplog):
+    from unclip_pl.clip.frozen import load_clip
+    from unclip_pl.clip.small import read_training_record
+
+    record = read_training_record(tiny_clip)
+    assert record["steps"] > 0 and record["epochs"] == record["recommended_epochs"] == 1
+    assert not record["smoke_test"] and record["data"] == "emoji/format2/val0.25/limit96"
+    assert {"i2t_top1", "i2t_top5", "t2i_top1", "t2i_top5"} <= set(record["val"])
+    with caplog.at_level("INFO", logger="unclip_pl.clip.frozen"):
+        load_clip("unclip-tiny", checkpoint=str(tiny_clip))
+    line = [r.getMessage() for r in caplog.records if str(tiny_clip) in r.getMessage()]
+    assert line and f"trained {record['steps']} steps" in line[0] and "i2t top-1" in line[0]
+    assert "SMOKE" not in line[0]
+
+
+def test_smoke_clip_run_leaves_the_shared_cache_alone(emoji_root, tmp_path, caplog):
+    """`stage=clip trainer.max_steps=2` writes its CLIP into its run directory, marked as a smoke test; the shared
+    cache file keeps its bytes; loading the smoke CLIP warns."""
+    from unclip_pl.clip.frozen import load_clip
+    from unclip_pl.clip.small import read_training_record
+
+    cache = tmp_path / "cache" / "clip.pt"
+    cache.parent.mkdir()
+    cache.write_bytes(b"a CLIP a user trained")
+    out = tmp_path / "run"
+    cfg = compose(["stage=clip", *data_overrides(emoji_root), *tiny_clip_overrides(cache), *FAST,
+                   "clip.train.trainer.max_epochs=3", "trainer.max_steps=2"], out)
+    run(cfg)
+    assert cache.read_bytes() == b"a CLIP a user trained"
+    record = read_training_record(out / "clip.pt")
+    assert record["smoke_test"] and record["steps"] == 2 and record["recommended_epochs"] == 3
+    with caplog.at_level("WARNING", logger="unclip_pl.clip.frozen"):
+        load_clip("unclip-tiny", checkpoint=str(out / "clip.pt"))
+    assert any("smoke test" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+    # an explicit export_to fills the given file, with the same record
+    cfg = compose(["stage=clip", *data_overrides(emoji_root), *tiny_clip_overrides(cache), *FAST,
+                   "trainer.max_steps=1", f"clip.export_to={tmp_path / 'exported.pt'}"], tmp_path / "run2")
+    run(cfg)
+    assert read_training_record(tmp_path / "exported.pt")["steps"] == 1
+
+
+def test_cached_clip_from_other_data_is_set_aside_and_retrained(emoji_root, tiny_clip, tmp_path):
+    """A cached CLIP whose record names other data (e.g. the old emoji split) is renamed, not used, and the
+    autotrained CLIP of this data takes its place."""
+    from unclip_pl.clip.small import read_training_record
+
+    cache = tmp_path / "cache" / "unclip-tiny.pt"
+    cache.parent.mkdir()
+    payload = torch.load(tiny_clip, map_location="cpu", weights_only=True)
+    payload["training"]["data"] = "emoji/format1/val0.05/limitNone"
+    torch.save(payload, cache)
+    net = "prior.module.model.net"
+    cfg = compose(["prior=diffusion", *data_overrides(emoji_root), *tiny_clip_overrides(cache), *FAST,
+                   f"{net}.dim=32", f"{net}.depth=1", f"{net}.heads=2", "trainer.max_steps=1",
+                   "prior.sample.steps=2", "prior.module.warmup_steps=1"], tmp_path / "prior")
+    run(cfg)
+    stale = list(cache.parent.glob("unclip-tiny.stale-*.pt"))
+    assert len(stale) == 1 and read_training_record(stale[0])["data"] == "emoji/format1/val0.05/limitNone"
+    assert read_training_record(cache)["data"] == "emoji/format2/val0.25/limit96"
+    assert (tmp_path / "prior" / "clip_autotrain" / "clip.pt").exists()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.clip.small import SMALL_CLIP_CONFIGS, build_from_config, register_small_clips
+from unclip_pl.clip.small import SMALL_CLIP_CONFIGS, build_from_config, describe_training, register_small_clips
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ def _load_from_checkpoint(model_name: str, path: Path) -> tuple[nn.Module, Any, 
                         path, name, model_name)
         model = build_from_config(obj["model_cfg"], obj.get("preprocess_cfg"))
         state_dict = obj["state_dict"]
+        _announce_training(path, obj.get("training"))
     else:
         name = model_name
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -348,6 +349,16 @@ def _load_from_checkpoint(model_name: str, path: Path) -> tuple[nn.Module, Any, 
         model = _build_architecture(model_name)
     _load_state_dict_strict(model, state_dict, path)
     return model, tokenizer_for(model, name), name
+
+
+def _announce_training(path: Path, record: dict[str, Any] | None) -> None:
+    """One line saying how an exported CLIP was trained; a warning when it is a smoke test."""
+    if isinstance(record, dict) and record.get("smoke_test"):
+        log.warning("CLIP %s is a smoke test: %s. Embeddings from it mean little; train it fully "
+                    "(`python train.py stage=clip clip.export_to=%s`) or pass another clip.loader.checkpoint.",
+                    path, describe_training(record), path)
+    else:
+        log.info("CLIP %s: %s", path, describe_training(record if isinstance(record, dict) else None))
 
 
 def _build_architecture(model_name: str) -> nn.Module:

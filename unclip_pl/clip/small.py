@@ -10,7 +10,16 @@ buildable directly with :func:`build_small_clip`.
 Export file (``torch.save`` of a plain dict, loadable with ``weights_only=True``)::
 
     {"format": "unclip_pl.clip/1", "model_name": str, "model_cfg": dict, "preprocess_cfg": dict,
-     "state_dict": {name: tensor}}
+     "state_dict": {name: tensor}, "training": dict (optional, see below)}
+
+``training`` records how the CLIP was trained (written by ``python train.py stage=clip``)::
+
+    {"steps": int, "epochs": int (completed), "recommended_epochs": int | None, "smoke_test": bool,
+     "val": {"i2t_top1": float, "i2t_top5": float, "t2i_top1": float, "t2i_top5": float, ...},
+     "data": str (the training data's id, e.g. "emoji/format2/val0.07/limitNone"), "seed": int | None}
+
+``smoke_test`` is true when the run stopped before its recommended epochs (``trainer.max_steps=5``, ``debug=fast``,
+a ``max_time`` cut): such a CLIP is never put in the shared cache by autotraining, and loading it warns.
 """
 
 from __future__ import annotations
@@ -106,8 +115,9 @@ def build_from_config(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] 
 
 
 def export_clip(model: nn.Module, model_name: str, model_cfg: dict[str, Any], path: str | os.PathLike,
-                preprocess_cfg: dict[str, Any] | None = None) -> Path:
-    """Write ``model``'s weights + config to ``path`` atomically (temp file in the same folder + ``os.replace``).
+                preprocess_cfg: dict[str, Any] | None = None, training: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights + config (+ the ``training`` record) to ``path`` atomically (temp file in the same
+    folder + ``os.replace``).
 
     The file loads back with ``unclip_pl.clip.frozen.load_clip(model_name, checkpoint=path)``.
     """
@@ -123,7 +133,34 @@ def export_clip(model: nn.Module, model_name: str, model_cfg: dict[str, Any], pa
         "preprocess_cfg": preprocess_cfg,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    if training is not None:
+        payload["training"] = _plain(training)
     return atomic_save(payload, path)
+
+
+def read_training_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``training`` record of an exported CLIP file (None when the file has none or is not an export)."""
+    import torch
+
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- unreadable files are reported by load_clip, not here
+        return None
+    record = obj.get("training") if isinstance(obj, dict) else None
+    return dict(record) if isinstance(record, dict) else None
+
+
+def describe_training(record: dict[str, Any] | None) -> str:
+    """One line: ``trained 450 steps, 15 of 15 recommended epochs on emoji/...; val i2t top-1 0.55, top-5 0.75``."""
+    if not record:
+        return "no training record (trained elsewhere or by an older version)"
+    rec = record.get("recommended_epochs")
+    epochs = f"{record.get('epochs')} of {rec} recommended epochs" if rec else f"{record.get('epochs')} epochs"
+    val = record.get("val") or {}
+    figures = ", ".join(f"{k.replace('_top', ' top-')} {v:.3f}" for k, v in val.items() if k.endswith(("1", "5")))
+    line = f"trained {record.get('steps')} steps, {epochs} on {record.get('data') or 'unknown data'}"
+    line += f"; val {figures}" if figures else "; no val metrics"
+    return line + (" [SMOKE TEST: shorter than its recommended run]" if record.get("smoke_test") else "")
 
 
 register_small_clips()  # so open_clip.create_model / get_tokenizer know the names as soon as this is imported

@@ -94,6 +94,13 @@ class ShardDataModule(pl.LightningDataModule):
 
     # -- helpers ---------------------------------------------------------------------------------------------
     @property
+    def data_id(self) -> str:
+        """A short id of the training data (its shard spec), recorded in what is trained on it (the CLIP export),
+        so a cached CLIP trained on other data is not reused by ``clip.autotrain``."""
+        spec = self.train_urls if isinstance(self.train_urls, str) else list(self.train_urls or [])
+        return "shards/" + hashlib.sha1(repr(spec).encode()).hexdigest()[:12]
+
+    @property
     def world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.world_size) if trainer is not None else _env_world_size()

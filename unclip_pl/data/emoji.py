@@ -261,6 +261,11 @@ class EmojiDataModule(ShardDataModule):
         super().__init__(train_urls=None, val_urls=None, embed_cache_dir=embed_cache_dir, **kwargs)
         self.root, self.limit, self.val_fraction, self.force = str(root), limit, float(val_fraction), bool(force)
 
+    @property
+    def data_id(self) -> str:
+        """``emoji/format<version>/val<fraction>/limit<limit>``: changes with the split (see ``ShardDataModule``)."""
+        return f"emoji/format{FORMAT_VERSION}/val{self.val_fraction:g}/limit{self.limit}"
+
     def _ensure_prepared(self) -> None:
         urls = prepare_emoji(self.root, self.val_fraction, self.limit, force=self.force)
         self.force = False  # force applies to the first preparation only

@@ -2,8 +2,9 @@
 
 Each validation epoch it embeds ALL val samples (gathered across steps and ranks), de-duplicates captions and logs
 ``val/i2t_top1``, ``val/i2t_top5``, ``val/t2i_top1``, ``val/t2i_top5`` and ``val/loss``. When fit ends, rank 0
-exports the weights with ``export_clip`` so ``load_clip(model_name, checkpoint=export_path)`` gives the frozen CLIP
-for every later stage.
+exports the weights with ``export_clip`` into the run directory (``export_path``) and, when asked, to ``export_to``,
+with a record of how the CLIP was trained (steps, epochs, val retrieval, data; a run shorter than
+``recommended_epochs`` is marked as a smoke test). ``load_clip(model_name, checkpoint=path)`` gives the frozen CLIP.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from unclip_pl.clip.contrastive import ContrastiveCLIP
 from unclip_pl.clip.frozen import text_tower
-from unclip_pl.clip.small import DEFAULT_SMALL, export_clip
+from unclip_pl.clip.small import DEFAULT_SMALL, describe_training, export_clip
 from unclip_pl.lit.base import StageModule
 from unclip_pl.metrics.retrieval import caption_groups, clip_retrieval
 
@@ -33,7 +34,9 @@ class CLIPModule(StageModule):
         warmup_steps: linear warm-up in optimiser steps.
         lr_schedule: ``"cosine"`` (decay to ``min_lr_ratio`` x lr over the run's estimated steps, when Lightning can
             estimate them) or ``"constant"`` after warm-up.
-        export_path: where to write the trained CLIP at fit end (None: no export).
+        export_path: where to write the trained CLIP at fit end (the run directory's ``clip.pt``; None: no export).
+        export_to: a second copy, e.g. the shared cache other stages load from (``clip.export_to=...``).
+        recommended_epochs: the recommended run length; a run that completes fewer epochs is a smoke test.
         trim_text: tokenise with caption padding trimmed in the loader (exact for causal text towers; cheaper).
         ema_decay: weight EMA (None by default: short runs).
     Batch: ``image`` (B, 3, H, W) in [-1, 1], ``tokens`` (B, L) int64; ``txt`` is not needed (captions are
@@ -51,11 +54,15 @@ class CLIPModule(StageModule):
         export_path: str | None = None,
         trim_text: bool = True,
         ema_decay: float | None = None,
+        export_to: str | None = None,
+        recommended_epochs: int | None = None,
     ):
         model = ContrastiveCLIP(model_name, model_cfg, trim_text=trim_text)
         super().__init__(model=model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay,
                          lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
         self.export_path = str(export_path) if export_path else None
+        self.export_to = str(export_to) if export_to else None
+        self.recommended_epochs = int(recommended_epochs) if recommended_epochs else None
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._context_length = int(text_tower(model.clip).positional_embedding.shape[0])
         self._gather_pad_to: int | None = None
@@ -116,17 +123,40 @@ class CLIPModule(StageModule):
         return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).cpu()
 
     # ------------------------------------------------------------------ export
+    def training_record(self) -> dict[str, Any]:
+        """How this CLIP was trained (see ``unclip_pl.clip.small``): steps, completed epochs, the last val
+        retrieval figures, the data's id, and whether the run was shorter than ``recommended_epochs``."""
+        trainer = self.trainer
+        epochs = int(trainer.current_epoch)  # after a complete fit: the number of epochs run
+        short = self.recommended_epochs is not None and epochs < self.recommended_epochs
+        val = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith("val/") and ("top" in k) and torch.is_tensor(v) and v.numel() == 1}
+        return {"steps": int(trainer.global_step), "epochs": epochs, "recommended_epochs": self.recommended_epochs,
+                "smoke_test": bool(short or trainer.fast_dev_run or trainer.interrupted), "val": val,
+                "data": getattr(trainer.datamodule, "data_id", None), "seed": _seed()}
+
     def export(self, path: str | None = None) -> str | None:
-        """Write the (EMA if any) CLIP weights + config with ``export_clip``; returns the path."""
+        """Write the (EMA if any) CLIP weights + config + training record with ``export_clip``; returns the path."""
         path = path or self.export_path
         if not path:
             return None
         model = self.eval_model
-        export_clip(model.clip, model.model_name, model.model_cfg, path)
+        export_clip(model.clip, model.model_name, model.model_cfg, path, training=self.training_record())
         return path
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.export_path:
-            path = self.export(self.export_path)
-            rank_zero_info(f"[clip] exported trained CLIP to {path} "
-                           f"(load with clip.loader.checkpoint={path})")
+        if not self.trainer.is_global_zero:
+            return
+        record = self.training_record()
+        for path in (self.export_path, self.export_to):
+            if path:
+                self.export(path)
+                rank_zero_info(f"[clip] exported the trained CLIP to {path} ({describe_training(record)}); later "
+                               f"stages load it with clip.loader.checkpoint={path}")
+
+
+def _seed() -> int | None:
+    import os
+
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value is not None and value.lstrip("-").isdigit() else None
