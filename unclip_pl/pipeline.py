@@ -397,12 +397,15 @@ class UnCLIPPipeline:
     def conditioning_ablation(self, captions: Sequence[str], seeds: Sequence[int] | None = None
                               ) -> dict[str, torch.Tensor]:
         """Paper figure 7, the same decoder and seeds, captions given to the decoder in every row:
-        ``zero``: a zero CLIP embedding; ``text_emb``: the CLIP text embedding as the image embedding;
-        ``prior``: a prior-sampled image embedding (when there is a prior). Each (B, 3, S, S)."""
+        ``caption_only``: no CLIP embedding, i.e. the decoder's null embedding (what it was trained with in place of
+        a dropped embedding: zeros with ``null_clip: zeros``, as the paper's decoder, else its learned null);
+        ``text_emb``: the CLIP text embedding as the image embedding; ``prior``: a prior-sampled image embedding
+        (when there is a prior). Each (B, 3, S, S)."""
         captions = list(captions)
         seeds = list(seeds) if seeds is not None else default_seeds(len(captions))
         z_t = self.embed_texts(captions)
-        rows = {"zero": self.decode(torch.zeros_like(z_t), captions, seeds),
+        null = self.decoder.null_clip_emb(len(captions)).to(device=z_t.device, dtype=z_t.dtype)
+        rows = {"caption_only": self.decode(null, captions, seeds),
                 "text_emb": self.decode(z_t, captions, seeds)}
         if self.prior is not None:
             rows["prior"] = self.decode(self.prior_embeddings(captions, seeds), captions, seeds)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import IMG, ROOT, UP, compose
-from unclip_pl.pipeline import stage_seeds
+from .conftest import D, IMG, ROOT, UP, build, compose, decoder_model, perturb_
+from unclip_pl.pipeline import UnCLIPPipeline, stage_seeds
 
 import sample  # noqa: E402  (repository root, put on sys.path by conftest)
 
@@ -73,7 +73,7 @@ def test_textdiff(tmp_path, tiny_pipeline):
 
 def test_conditioning(tmp_path, tiny_pipeline):
     size, rec = run_mode(tmp_path, tiny_pipeline, ["mode=conditioning", "prompt=[sun,moon]"])
-    assert size == grid_size(6, 2, UP) and rec["rows"] == ["zero", "text_emb", "prior"]
+    assert size == grid_size(6, 2, UP) and rec["rows"] == ["caption_only", "text_emb", "prior"]
 
 
 def test_guidance(tmp_path, tiny_pipeline):
@@ -127,6 +127,28 @@ def test_image_depends_only_on_its_caption_and_seed(tiny_pipeline):
     other = tiny_pipeline.text_to_image(["y"], 1, seeds=[6])
     assert (other - grid[1:2]).abs().mean() > 1e-2
     assert stage_seeds([4], "prior") != stage_seeds([4], "decoder") != stage_seeds([4], "upsampler", 0)
+
+
+# ------------------------------------------------------------------ figure 7: the caption-only row
+def test_caption_only_row_is_the_decoders_learned_null(tiny_pipeline):
+    """null_clip learned: the row is decoding with the decoder's learned null embedding, not with zeros."""
+    pipe, caps, seeds = tiny_pipeline, ["sun", "moon"], [3, 4]
+    null = pipe.decoder.null_clip_emb(2)
+    assert pipe.decoder.null_clip == "learned" and null.abs().max() > 0
+    rows = pipe.conditioning_ablation(caps, seeds)
+    torch.testing.assert_close(rows["caption_only"], pipe.decode(null, caps, seeds), atol=1e-5, rtol=0)
+    zeros = pipe.decode(torch.zeros_like(null), caps, seeds)
+    assert (rows["caption_only"] - zeros).abs().max() > 1e-3
+
+
+def test_caption_only_row_is_zeros_for_a_zeros_null(tiny):
+    cfg = dict(decoder_model("own"), null_clip="zeros")
+    dec = perturb_(build(cfg), seed=7).eval()
+    pipe = UnCLIPPipeline(tiny["clip"], None, dec, [], settings={"decoder": {"steps": 3, "guidance_scale": 2.0}})
+    caps, seeds = ["sun", "moon"], [3, 4]
+    rows = pipe.conditioning_ablation(caps, seeds)
+    assert list(rows) == ["caption_only", "text_emb"]
+    torch.testing.assert_close(rows["caption_only"], pipe.decode(torch.zeros(2, D), caps, seeds), atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow
