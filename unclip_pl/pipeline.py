@@ -2,11 +2,12 @@
 
 Every method takes and returns images as float tensors (B, 3, H, W) in [-1, 1] and embeddings as unit-norm (B, D).
 
-Seeding: every stage draws its starting noise per item from that item's seed, in its own stream
-(:func:`stage_seeds`: the decoder uses the seed itself, the prior and each upsampler the seed plus a multiple of
-2**32, so no two stages share noise); the step noise of DDPM and DDIM with eta > 0 is drawn per item too. Image i
-depends only on seeds[i] and its caption, not on the rest of the batch; a row with one repeated seed shares its noise.
-Identical calls give identical images.
+Seeding: every random draw is per item, from a generator seeded with
+``unclip_pl.diffusion.seeds.derive_seed(seed, stream, step)``, a hash of the item's seed, the stream (stage
+"prior" / "decoder" / "upsampler<j>", purpose x_T or step noise, best-of-N candidate) and the sampler step, so no two
+streams share a seed (the first step noise is not x_T again; one stage's noise is not another's). Image i depends only
+on seeds[i] and its caption, not on the rest of the batch; a row with one repeated seed shares its noise. Identical
+calls give identical images.
 
 Decoder caption input: token ids from ``clip.tokenize`` through the decoder's own text encoder, or the frozen CLIP's
 per-token states when the decoder has none (``text_source="clip"``). A caption of ``None`` means "no caption": the
@@ -131,11 +132,12 @@ def default_seeds(n: int, start: int = 0) -> list[int]:
     return [start + i for i in range(n)]
 
 
-def stage_seeds(seeds: Sequence[int], stage: str, index: int = 0) -> list[int]:
-    """The seeds a stage draws its noise from: ``seed + stream * 2**32`` with stream 0 for the decoder (its seeds are
-    the user's), 1 for the prior and 2 + j for upsampler j; distinct across stages for any seeds in [0, 2**32)."""
-    stream = {"decoder": 0, "prior": 1, "upsampler": 2 + int(index)}[stage]
-    return [int(s) + stream * 2 ** 32 for s in seeds]
+def stage_stream(stage: str, index: int = 0) -> str:
+    """The stage name a stage's seeded noise streams are derived under (``unclip_pl.diffusion.seeds``):
+    "prior", "decoder", or "upsampler<index>" for the index-th upsampler."""
+    if stage not in ("prior", "decoder", "upsampler"):
+        raise ValueError(f"unknown stage {stage!r}")
+    return f"upsampler{int(index)}" if stage == "upsampler" else stage
 
 
 # ----------------------------------------------------------------------------------------------------------- pipeline
@@ -237,7 +239,7 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def prior_embeddings(self, captions: Sequence[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Sample z_i for each caption with the prior: (B, D) unit norm. ``seeds``: one per caption (default
-        0..B-1); caption i's candidates come from ``stage_seeds(seeds, "prior")[i]``."""
+        0..B-1); caption i's candidates draw from seeds[i]'s "prior" streams."""
         if self.prior is None:
             raise ValueError("this pipeline has no prior: give a prior checkpoint, or use the CLIP text embedding "
                              "(use_prior=False)")
@@ -248,12 +250,11 @@ class UnCLIPPipeline:
         seeds = list(seeds) if seeds is not None else default_seeds(len(captions))
         if len(seeds) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
-        seeds = stage_seeds(seeds, "prior")
         for i in range(0, len(captions), bs):
             sl = slice(i, i + bs)
             out.append(self.prior.sample(enc.emb[sl], enc.tokens[sl], enc.mask[sl], steps=s.steps, sampler=s.sampler,
                                          eta=s.eta, guidance_scale=s.guidance_scale, best_of=s.best_of,
-                                         seeds=seeds[sl]).float())
+                                         seeds=seeds[sl], stream=stage_stream("prior")).float())
         return torch.cat(out)
 
     # ------------------------------------------------------------------ decoder
@@ -304,25 +305,23 @@ class UnCLIPPipeline:
             out.append(self.decoder.sample(
                 z_i[sl], text=text, steps=s.steps, sampler=s.sampler, eta=s.eta if eta is None else eta,
                 guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, seeds=seeds[sl],
-                x_T=x_T_sl, progress=self.settings.progress).float())
+                x_T=x_T_sl, progress=self.settings.progress, stream=stage_stream("decoder")).float())
         images = torch.cat(out)
         return self.upsample(images, seeds) if upsample else images
 
     @torch.no_grad()
     def upsample(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Run every upsampler in order: (B, 3, s, s) -> (B, 3, S, S). Each upsampler's input is first resized to
-        its ``low_res_size`` when it differs; upsampler j draws its noise from
-        ``stage_seeds(seeds, "upsampler", j)``."""
+        its ``low_res_size`` when it differs; upsampler j draws its noise from the seeds' "upsampler<j>" streams."""
         seeds = list(seeds) if seeds is not None else default_seeds(images.shape[0])
         bs = max(1, self.settings.batch_size)
         for j, up in enumerate(self.upsamplers):
             s = self.settings.upsampler(j)
             low = resize_images(images, int(up.low_res_size))
-            up_seeds = stage_seeds(seeds, "upsampler", j)
             parts = []
             for i in range(0, low.shape[0], bs):
                 parts.append(up.sample(low[i:i + bs], steps=s.steps, sampler=s.sampler, eta=s.eta,
-                                       seeds=up_seeds[i:i + bs],
+                                       seeds=seeds[i:i + bs], stream=stage_stream("upsampler", j),
                                        progress=self.settings.progress).float())
             images = torch.cat(parts)
         return images

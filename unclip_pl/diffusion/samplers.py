@@ -6,9 +6,10 @@ Common arguments:
     x_T: starting noise (B, C, ...) or a shape tuple (then drawn with `generator` on `device`).
     steps: respacing spec for `diffusion.respaced` (int, "ddimN", list); None = the diffusion's own steps.
     model_kwargs: conditioning passed as model_fn(x, t, **model_kwargs).
-    generator: torch.Generator for every random draw (must live on x's device), or, with x_T given as a tensor, a
-        list of B generators, one per row, so that row i's step noise depends only on its own generator (see
-        :func:`step_generator`; :func:`initial_noise` draws x_T per row from seeds).
+    generator: torch.Generator for every random draw (must live on x's device); or, with x_T given as a tensor, a
+        list of B generators, one per row, or the :class:`SeededNoise` of :func:`step_generator`, whose row i's step
+        noise at step i depends only on that row's seed and the step (:func:`initial_noise` draws x_T per row from
+        seeds; both derive their seeds with ``unclip_pl.diffusion.seeds.derive_seed``).
     clip_denoised: clamp the predicted x0 to [-1, 1]; denoised_fn: hook x0 -> x0 applied after it.
     progress: show a tqdm bar; callback: called as callback(i, x, x0) after each step, with i the step index
         in the respaced schedule (counting down), x the new sample and x0 the prediction used for it.
@@ -19,6 +20,7 @@ from typing import Sequence
 import torch
 
 from .gaussian import GaussianDiffusion
+from .seeds import row_seeds
 
 
 def _schedule(diffusion: GaussianDiffusion, steps) -> GaussianDiffusion:
@@ -28,40 +30,74 @@ def _schedule(diffusion: GaussianDiffusion, steps) -> GaussianDiffusion:
 def _initial_noise(x_T, generator, device, dtype=torch.float32) -> torch.Tensor:
     if isinstance(x_T, torch.Tensor):
         return x_T
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError("per-row step noise needs x_T as a tensor: draw it with initial_noise(shape, seeds=...)")
     if device is None:
         device = generator.device if generator is not None else "cpu"
     return torch.randn(tuple(x_T), generator=generator, device=device, dtype=dtype)
 
 
 def initial_noise(shape: Sequence[int], device, dtype=torch.float32, generator: torch.Generator | None = None,
-                  seeds: Sequence[int] | None = None) -> torch.Tensor:
-    """x_T (B, ...): one generator per image when ``seeds`` is given (image i depends only on seeds[i]), else one
-    draw from ``generator`` (on ``generator``'s device, moved to ``device``)."""
+                  seeds: Sequence[int] | None = None, stage: str = "decoder", per_seed: int = 1) -> torch.Tensor:
+    """x_T (B, ...). With ``seeds``: row ``i * per_seed + j`` (item i, best-of-N candidate j; B = len(seeds) *
+    per_seed) is drawn on the CPU from ``derive_seed(seeds[i], "<stage>/x_T/<j>")`` (``seeds.row_seeds``), so it
+    depends only on seeds[i] and not on the device. Else one draw from ``generator`` (on ``generator``'s device,
+    moved to ``device``), else from the global RNG."""
     if seeds is not None:
-        if len(seeds) != shape[0]:
-            raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(int(s)))
-                            for s in seeds]).to(device=device, dtype=dtype)
+        if len(seeds) * per_seed != shape[0]:
+            raise ValueError(f"got {len(seeds)} seeds x {per_seed} per seed for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(s))
+                            for s in row_seeds(seeds, stage, "x_T", per_seed)]).to(device=device, dtype=dtype)
     if generator is not None:
         return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device=device, dtype=dtype)
     return torch.randn(tuple(shape), device=device, dtype=dtype)
 
 
-def step_generator(seeds: Sequence[int] | None, generator: torch.Generator | None, device,
-                   per_seed: int = 1) -> torch.Generator | list[torch.Generator] | None:
-    """The step-noise source of the stochastic samplers (ddpm, ddim with eta > 0).
+class SeededNoise:
+    """Step noise of the stochastic samplers (ddpm, ddim with eta > 0) drawn per row and per step from seeds:
+    row r's noise at sampler step i (its index in the respaced schedule) comes from a generator on x's device seeded
+    with ``derive_seed(seed_r, "<stage>/noise/<j>", i)``. So a row's noise depends only on its own seed, never on
+    the rest of the batch, the order of draws or another stream (it is never x_T again)."""
 
-    With ``seeds``: a list of ``len(seeds) * per_seed`` generators on ``device``, row ``i * per_seed + j`` seeded from
-    (seeds[i], j), so every row's noise depends only on its own seed (and a batch's rows do not depend on each other).
-    Else ``generator`` (one stream for the batch), else None (the global RNG)."""
+    def __init__(self, seeds: Sequence[int], stage: str = "decoder", per_seed: int = 1):
+        self.seeds = [int(s) for s in seeds]
+        self.stage, self.per_seed = stage, int(per_seed)
+        self.rows = len(self.seeds) * self.per_seed
+        self._generators: dict[torch.device, list[torch.Generator]] = {}
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def row_seeds(self, step: int) -> list[int]:
+        """The rows' generator seeds at sampler step ``step``."""
+        return row_seeds(self.seeds, self.stage, "noise", self.per_seed, step)
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Standard normal noise shaped like x (B, ...) for sampler step ``step``."""
+        if x.shape[0] != self.rows:
+            raise ValueError(f"seeded step noise for {self.rows} rows but a batch of {x.shape[0]}")
+        gens = self._generators.setdefault(x.device, [torch.Generator(device=x.device) for _ in range(self.rows)])
+        return torch.stack([torch.randn(x.shape[1:], generator=g.manual_seed(s), device=x.device, dtype=x.dtype)
+                            for g, s in zip(gens, self.row_seeds(step))])
+
+
+def step_generator(seeds: Sequence[int] | None, generator: torch.Generator | None, device=None,
+                   per_seed: int = 1, stage: str = "decoder") -> "SeededNoise | torch.Generator | None":
+    """The step-noise source of the stochastic samplers (ddpm, ddim with eta > 0), passed as their ``generator``.
+
+    With ``seeds``: a :class:`SeededNoise` of ``len(seeds) * per_seed`` rows, row ``i * per_seed + j`` from
+    (seeds[i], stage, candidate j, step), drawn on x's device. Else ``generator`` (one stream for the batch), else
+    None (the global RNG). ``device`` is unused (kept for callers that pass it)."""
     if seeds is None:
         return generator
-    return [torch.Generator(device=device).manual_seed(((int(s) << 16) + j) % 2 ** 63)
-            for s in seeds for j in range(per_seed)]
+    return SeededNoise(seeds, stage, per_seed)
 
 
-def _step_noise(x: torch.Tensor, generator) -> torch.Tensor:
-    """Standard normal noise shaped like x, from one generator or from one generator per row."""
+def _step_noise(x: torch.Tensor, generator, step: int) -> torch.Tensor:
+    """Standard normal noise shaped like x for sampler step ``step``: from a :class:`SeededNoise`, from one
+    generator per row, or from one generator (or the global RNG) for the batch."""
+    if isinstance(generator, SeededNoise):
+        return generator(x, step)
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} per-row generators for a batch of {x.shape[0]}")
@@ -92,7 +128,7 @@ def sample_ddpm(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_k
     for i in _indices(diff.num_steps, progress):
         out = diff.p_mean_variance(model_fn, x, _t(i, x), clip_denoised, model_kwargs, denoised_fn)
         if i > 0:
-            x = out["mean"] + torch.exp(0.5 * out["log_var"]) * _step_noise(x, generator)
+            x = out["mean"] + torch.exp(0.5 * out["log_var"]) * _step_noise(x, generator, i)
         else:
             x = out["mean"]
         if callback is not None:
@@ -118,7 +154,8 @@ def sample_ddim(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_k
         x = abar_prev.sqrt() * pred["x0"]
         if eta > 0 and i > 0:
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-            x = x + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * pred["eps"] + sigma * _step_noise(x, generator)
+            x = (x + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * pred["eps"]
+                 + sigma * _step_noise(x, generator, i))
         else:
             x = x + (1 - abar_prev).sqrt() * pred["eps"]
         if callback is not None:

@@ -17,19 +17,20 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, ddim_invert, initial_noise,
-                                 sample_ddim, sample_ddpm, sample_dpmpp_2m, step_generator)
+from unclip_pl.diffusion import (GaussianDiffusion, SeededNoise, classifier_free_guidance, ddim_invert,
+                                 initial_noise, sample_ddim, sample_ddpm, sample_dpmpp_2m, step_generator)
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 def run_sampler(diffusion: GaussianDiffusion, model_fn, x_T: torch.Tensor, sampler: str, steps, eta: float = 0.0,
-                generator: torch.Generator | list[torch.Generator] | None = None, clip_denoised: bool = True,
-                progress: bool = False):
-    """Dispatch to one of the samplers of ``unclip_pl.diffusion.samplers`` (``generator``: one, or one per row).
-    Returns x_0 (B, C, H, W)."""
+                generator: torch.Generator | list[torch.Generator] | SeededNoise | None = None,
+                clip_denoised: bool = True, progress: bool = False):
+    """Dispatch to one of the samplers of ``unclip_pl.diffusion.samplers`` (``generator``: one, one per row, or
+    the per-row, per-step ``SeededNoise`` of ``step_generator``, which draws on x's device). Returns x_0 (B, C, H, W).
+    """
     first = generator[0] if isinstance(generator, (list, tuple)) else generator
-    if first is not None and first.device != x_T.device:
+    if isinstance(first, torch.Generator) and first.device != x_T.device:
         generator = None          # samplers draw step noise on x's device; a CPU generator cannot serve CUDA
     common = dict(steps=steps, generator=generator, clip_denoised=clip_denoised, progress=progress)
     if sampler == "ddpm":
@@ -165,21 +166,22 @@ class Decoder(nn.Module):
                steps: Any = None, sampler: str | None = None, eta: float | None = None,
                guidance_scale: float | None = None, generator: torch.Generator | None = None,
                seeds: Sequence[int] | None = None, x_T: torch.Tensor | None = None, image_size: int | None = None,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, stream: str = "decoder") -> torch.Tensor:
         """Generate images (B, 3, S, S) in [-1, 1] from clip_emb (B, D) and captions (tokens (B, L) or text states).
 
         ``seeds`` (one per image) makes image i depend only on seeds[i] (its starting noise, and the step noise of
-        ddpm / ddim eta > 0), not on the rest of the batch; ``generator`` otherwise (one stream for the batch);
-        ``x_T`` (B, 3, S, S) replaces the starting noise (e.g. from ``invert``)."""
+        ddpm / ddim eta > 0, in the streams of stage ``stream``, see ``unclip_pl.diffusion.seeds``), not on the rest
+        of the batch; ``generator`` otherwise (one stream for the batch); ``x_T`` (B, 3, S, S) replaces the starting
+        noise (e.g. from ``invert``). The predicted x0 is clipped to [-1, 1] at every step."""
         B = clip_emb.shape[0]
         size = image_size or self.image_size
         if x_T is None:
             x_T = initial_noise((B, self.unet.in_channels, size, size), clip_emb.device, generator=generator,
-                                seeds=seeds)
+                                seeds=seeds, stage=stream)
         model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale)
         x = run_sampler(self.diffusion, model_fn, x_T, sampler or self.sampler,
                         self.sample_steps if steps is None else steps, self.eta if eta is None else eta,
-                        step_generator(seeds, generator, x_T.device), clip_denoised=True, progress=progress)
+                        step_generator(seeds, generator, stage=stream), clip_denoised=True, progress=progress)
         return x.clamp(-1, 1)
 
     @torch.no_grad()

@@ -153,7 +153,7 @@ class DiffusionPrior(nn.Module):
     def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, steps=64,
                sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0, best_of: int = 2,
                generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
-               progress: bool = False, use_cache: bool = True) -> torch.Tensor:
+               progress: bool = False, use_cache: bool = True, stream: str = "prior") -> torch.Tensor:
         """Sample image embeddings for captions.
 
         Args:
@@ -164,7 +164,8 @@ class DiffusionPrior(nn.Module):
             best_of: N candidates per caption (batched as B*N); the one with the largest dot product with z_t wins.
             generator: torch.Generator on the embeddings' device for every random draw (makes sampling deterministic).
             seeds: B per-caption seeds: caption i's N candidates (starting noise and the step noise of DDPM / DDIM
-                with eta > 0) depend only on seeds[i], so its embedding does not depend on the rest of the batch.
+                with eta > 0) depend only on seeds[i], so its embedding does not depend on the rest of the batch;
+                candidate j draws from its own streams of stage ``stream`` (``unclip_pl.diffusion.seeds``).
             use_cache: encode the step-independent caption/z_t prefix once (``net.encode_prefix``) and run only the
                 3 step-dependent tokens per step (``net.forward_cached``); same result, many times faster.
         Returns:
@@ -199,9 +200,10 @@ class DiffusionPrior(nn.Module):
             model_fn, model_kwargs = net_fn, cond
         else:
             model_fn, model_kwargs = classifier_free_guidance(net_fn, guidance_scale, cond, uncond), None
-        x_T = initial_noise((b, n, self.embed_dim), device, generator=generator, seeds=seeds).view(b * n, -1)
+        x_T = initial_noise((b * n, self.embed_dim), device, generator=generator, seeds=seeds, stage=stream,
+                            per_seed=n)                                    # (B*N, D), row i*N + j: candidate j
         common = dict(steps=steps, model_kwargs=model_kwargs, progress=progress,
-                      generator=step_generator(seeds, generator, device, per_seed=n))
+                      generator=step_generator(seeds, generator, per_seed=n, stage=stream))
         if sampler == "ddim":
             x0 = sample_ddim(self.diffusion, model_fn, x_T, eta=eta, **common)
         elif sampler == "ddpm":

@@ -129,16 +129,17 @@ class Upsampler(nn.Module):
     @torch.no_grad()
     def sample(self, low_res: torch.Tensor, steps: Any = None, sampler: str | None = None, eta: float | None = None,
                generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
-               x_T: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+               x_T: torch.Tensor | None = None, progress: bool = False, stream: str = "upsampler0") -> torch.Tensor:
         """low_res (B, 3, h, w) in [-1, 1] -> (B, 3, h * scale, w * scale) in [-1, 1] (any h, w that make the
-        output a multiple of the U-Net's down-sampling factor)."""
+        output a multiple of the U-Net's down-sampling factor). ``seeds``: one per image, its noise drawn in the
+        streams of stage ``stream`` (the pipeline's upsampler j uses ``"upsampler<j>"``)."""
         B, C, h, w = low_res.shape
         if x_T is None:
             x_T = initial_noise((B, self.unet.in_channels, h * self.scale, w * self.scale), low_res.device,
-                                generator=generator, seeds=seeds)
+                                generator=generator, seeds=seeds, stage=stream)
         cond = {"low_res": low_res.clamp(-1, 1)}
         x = run_sampler(self.diffusion, lambda x, t: self.unet(x, t, **cond), x_T, sampler or self.sampler,
                         self.sample_steps if steps is None else steps, self.eta if eta is None else eta,
-                        step_generator(seeds, generator, x_T.device),
+                        step_generator(seeds, generator, stage=stream),
                         clip_denoised=True, progress=progress)
         return x.clamp(-1, 1)
