@@ -134,6 +134,7 @@ def test_smoke_clip_run_leaves_the_shared_cache_alone(emoji_root, tmp_path, capl
     assert cache.read_bytes() == b"a CLIP a user trained"
     record = read_training_record(out / "clip.pt")
     assert record["smoke_test"] and record["steps"] == 2 and record["recommended_epochs"] == 3
+    assert record["epochs"] == 0  # stopped inside its first epoch
     with caplog.at_level("WARNING", logger="unclip_pl.clip.frozen"):
         load_clip("unclip-tiny", checkpoint=str(out / "clip.pt"))
     assert any("smoke test" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

@@ -127,7 +127,9 @@ class CLIPModule(StageModule):
         """How this CLIP was trained (see ``unclip_pl.clip.small``): steps, completed epochs, the last val
         retrieval figures, the data's id, and whether the run was shorter than ``recommended_epochs``."""
         trainer = self.trainer
-        epochs = int(trainer.current_epoch)  # after a complete fit: the number of epochs run
+        epochs = int(trainer.current_epoch)  # epochs begun; the last one counts when it reached its last batch
+        if epochs and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            epochs -= 1  # stopped inside it (max_steps, max_time)
         short = self.recommended_epochs is not None and epochs < self.recommended_epochs
         val = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items()
                if k.startswith("val/") and ("top" in k) and torch.is_tensor(v) and v.numel() == 1}
