@@ -417,4 +417,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from unclip_pl.utils.cli import exit_on_unknown_override
+
+    exit_on_unknown_override(__file__, "eval")  # a mistyped key: the keys that exist there, not Hydra's bare error
     main()

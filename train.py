@@ -9,6 +9,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from unclip_pl.train import ConfigError, run  # noqa: E402
+from unclip_pl.utils.cli import exit_on_unknown_override  # noqa: E402
 from unclip_pl.utils.task import job_wrapper  # noqa: E402
 
 
@@ -24,4 +25,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_override(__file__, "train")  # a mistyped key: the keys that exist there, not Hydra's bare error
     main()
