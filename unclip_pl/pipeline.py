@@ -44,8 +44,9 @@ class PriorSettings:
 
 @dataclass
 class DecoderSettings:
-    """Decoder sampling (paper: 250 strided steps; DDIM with far fewer is fine). ``invert_steps``: DDIM inversion
-    steps for variations from the image's inversion; ``variation_eta``: the eta used then (paper: eta > 0)."""
+    """Decoder sampling (paper: 250 strided steps; DDIM with far fewer is fine). Variations from the image's DDIM
+    inversion run DDIM both ways, whatever ``sampler`` is: ``invert_steps`` steps in each direction and
+    ``variation_eta`` for the way back (paper: DDIM with eta > 0; eta = 0 reconstructs the image)."""
     steps: Any = 50
     sampler: str = "ddim"
     eta: float = 0.0
@@ -274,7 +275,7 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def decode(self, z_i: torch.Tensor, captions: Captions | None = None, seeds: Sequence[int] | None = None,
                x_T: torch.Tensor | None = None, guidance_scale: float | None = None, eta: float | None = None,
-               upsample: bool = True) -> torch.Tensor:
+               upsample: bool = True, sampler: str | None = None, steps: Any = None) -> torch.Tensor:
         """Decode image embeddings, then run the upsamplers.
 
         Args:
@@ -283,7 +284,7 @@ class UnCLIPPipeline:
             seeds: B per-image seeds (default 0..B-1) of the starting noise and of the stochastic samplers' step
                 noise (only the latter where ``x_T`` is given).
             x_T: optional (B, 3, S, S) starting noise of the decoder (e.g. a DDIM inversion).
-            guidance_scale / eta: override the decoder settings for this call.
+            guidance_scale / eta / sampler / steps: override the decoder settings for this call.
         Returns:
             (B, 3, S', S') in [-1, 1], S' = :attr:`image_size` when ``upsample`` else the decoder's size.
         """
@@ -303,7 +304,8 @@ class UnCLIPPipeline:
             text = self._caption_states(captions[sl])
             x_T_sl = x_T[sl].to(self.device) if x_T is not None else None  # else drawn per image from its seed
             out.append(self.decoder.sample(
-                z_i[sl], text=text, steps=s.steps, sampler=s.sampler, eta=s.eta if eta is None else eta,
+                z_i[sl], text=text, steps=s.steps if steps is None else steps, sampler=sampler or s.sampler,
+                eta=s.eta if eta is None else eta,
                 guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, seeds=seeds[sl],
                 x_T=x_T_sl, progress=self.settings.progress, stream=stage_stream("decoder")).float())
         images = torch.cat(out)
@@ -352,9 +354,13 @@ class UnCLIPPipeline:
                    seeds: Sequence[int] | None = None, caption: str | None = None) -> torch.Tensor:
         """n decodes of one image's CLIP embedding: (n, 3, S, S).
 
-        ``invert=True`` (the paper's variations): start every sample from the image's DDIM inversion under the
-        decoder and sample with ``eta`` (default ``settings.decoder.variation_eta`` > 0) so samples differ but keep
-        more of the input; otherwise fresh noise per seed with the decoder's own eta.
+        ``invert=True`` (the paper's variations): invert the image (at the decoder's size) with deterministic DDIM
+        under the decoder, conditioned on its embedding and ``caption``, to x_T; then sample every variation back
+        from that x_T with DDIM and ``eta`` (default ``settings.decoder.variation_eta`` > 0), so that samples differ
+        but stay close to the input (eta = 0 reconstructs it). Both directions use the same DDIM schedule
+        (``settings.decoder.invert_steps``), the same guided model function (``settings.decoder.guidance_scale``)
+        and the same x0 clipping, whatever the decoder's configured sampler. Otherwise fresh noise per seed with the
+        decoder's own sampler and eta.
         """
         image = _as_batch(image)[:1].to(self.device)
         z = self.embed_images(image).expand(n, -1)
@@ -365,12 +371,9 @@ class UnCLIPPipeline:
         s = self.settings.decoder
         x0 = resize_images(image, int(self.decoder.image_size))
         text = self._caption_states([caption])
-        x_T = self.decoder.invert(x0, z[:1], text=text, steps=s.invert_steps, guidance_scale=1.0)
-        if s.steps != s.invert_steps:
-            log.warning("variations: inverted with %s steps but sampling with %s (use the same for a faithful "
-                        "reconstruction at eta=0)", s.invert_steps, s.steps)
-        return self.decode(z, captions, seeds, x_T=x_T.expand(n, -1, -1, -1),
-                           eta=s.variation_eta if eta is None else eta)
+        x_T = self.decoder.invert(x0, z[:1], text=text, steps=s.invert_steps, guidance_scale=s.guidance_scale)
+        return self.decode(z, captions, seeds, x_T=x_T.expand(n, -1, -1, -1), sampler="ddim", steps=s.invert_steps,
+                           guidance_scale=s.guidance_scale, eta=s.variation_eta if eta is None else eta)
 
     @torch.no_grad()
     def interpolate(self, img_a: torch.Tensor, img_b: torch.Tensor, k: int = 8, seed: int = 0,

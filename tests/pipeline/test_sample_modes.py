@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import D, IMG, ROOT, UP, build, compose, decoder_model, perturb_
+from .conftest import D, GAUSS, IMG, ROOT, UP, build, compose, decoder_model, perturb_
+from unclip_pl.diffusion import ddim_invert, sample_ddim
 from unclip_pl.pipeline import UnCLIPPipeline, stage_stream
 
 import sample  # noqa: E402  (repository root, put on sys.path by conftest)
@@ -151,6 +152,77 @@ def test_caption_only_row_is_zeros_for_a_zeros_null(tiny):
     rows = pipe.conditioning_ablation(caps, seeds)
     assert list(rows) == ["caption_only", "text_emb"]
     torch.testing.assert_close(rows["caption_only"], pipe.decode(torch.zeros(2, D), caps, seeds), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ variations from a DDIM inversion
+class OracleUNet(torch.nn.Module):
+    """An eps-predicting stand-in for the decoder's U-Net that knows the data (it ignores the conditioning):
+    a single image ``x0`` (1, 3, S, S), or, with ``x0=None``, pixels ~ N(mu, std^2) independently."""
+
+    def __init__(self, diffusion, x0=None, mu=0.0, std=0.3):
+        super().__init__()
+        self.in_channels = self.out_channels = 3
+        self.clip_dim, self.image_size, self.learn_sigma = D, IMG, False
+        self.diffusion, self.x0, self.mu, self.std = diffusion, x0, mu, std
+
+    def forward(self, x, t, **cond):
+        abar = self.diffusion.gather("abar", t, x)
+        if self.x0 is not None:
+            x0 = self.x0.to(x).expand_as(x)
+        else:   # E[x0 | x_t] for Gaussian data
+            x0 = self.mu + abar.sqrt() * self.std ** 2 / (abar * self.std ** 2 + 1 - abar) * (x - abar.sqrt() * self.mu)
+        return self.diffusion.eps_from_x0(x, t, x0)
+
+
+def oracle_pipeline(tiny, sampler, x0=None, steps=7, invert_steps=40):
+    from unclip_pl.models.decoder import Decoder
+
+    diffusion = build(GAUSS("eps"))
+    dec = Decoder(OracleUNet(diffusion, x0), diffusion, text_encoder=None, sampler=sampler).eval()
+    return UnCLIPPipeline(tiny["clip"], None, dec, [], settings={"decoder": {
+        "sampler": sampler, "steps": steps, "invert_steps": invert_steps, "guidance_scale": 3.0}})
+
+
+def test_inverted_variations_at_eta_0_return_the_image_with_a_point_oracle(tiny):
+    image = (torch.rand(3, IMG, IMG, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.9
+    pipe = oracle_pipeline(tiny, "ddpm", x0=image[None])
+    out = pipe.variations(image, n=2, invert=True, eta=0.0, seeds=[0, 1])
+    torch.testing.assert_close(out, image[None].expand(2, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m", "ddim"])
+def test_inverted_variations_are_ddim_both_ways_whatever_the_sampler(tiny, sampler):
+    """Data ~ N(0, 0.3^2) with its exact denoiser: the inversion is a non-trivial x_T, and DDIM at eta 0 maps it back
+    to the image (up to the ODE's discretisation error) whatever the configured sampler and steps; eta > 0 does not."""
+    image = (0.3 * torch.randn(3, IMG, IMG, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    pipe = oracle_pipeline(tiny, sampler, invert_steps=100)
+    back = pipe.variations(image, n=2, invert=True, eta=0.0, seeds=[0, 1])
+    assert torch.equal(back[0], back[1])                                   # deterministic at eta 0
+    assert (back - image).abs().max() < 0.06, (back - image).abs().max()   # 0.04 at 100 steps; pixels ~ +-0.9
+    vary = pipe.variations(image, n=2, invert=True, eta=0.8, seeds=[0, 1])
+    assert (vary - back).abs().mean() > 0.05                               # eta > 0 changes the result ...
+    assert (vary[0] - vary[1]).abs().mean() > 0.05                         # ... differently per seed
+
+
+def test_inverted_variations_use_one_guided_model_and_clipping_both_ways(tiny):
+    """Against the definition, with a real (tiny, random) decoder whose configured sampler is DPM-Solver++:
+    DDIM inversion and DDIM sampling with the same steps, the same guided model function and x0 clipping."""
+    from unclip_pl.checkpoint_io import load_stage
+
+    dec = load_stage(tiny["decoder"])
+    steps, g = 4, 2.5
+    pipe = UnCLIPPipeline(tiny["clip"], None, dec, [], settings={"decoder": {
+        "sampler": "dpmpp_2m", "steps": 6, "invert_steps": steps, "guidance_scale": g, "variation_eta": 0.5}})
+    image = torch.rand(3, IMG, IMG, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = pipe.embed_images(image)
+    text = pipe._caption_states(["red heart"])
+    model_fn = dec.guided_model(z, text=text, guidance_scale=g)
+    x_T = ddim_invert(dec.diffusion, model_fn, image[None], steps=steps, clip_denoised=True)
+    want = sample_ddim(dec.diffusion, model_fn, x_T, steps=steps, eta=0.0, clip_denoised=True).clamp(-1, 1)
+    got = pipe.variations(image, n=2, invert=True, eta=0.0, seeds=[0, 1], caption="red heart")
+    torch.testing.assert_close(got, want.expand(2, -1, -1, -1), atol=1e-5, rtol=0)
+    vary = pipe.variations(image, n=2, invert=True, seeds=[0, 1], caption="red heart")   # variation_eta = 0.5
+    assert (vary - got).abs().max() > 1e-3
 
 
 @pytest.mark.slow

@@ -186,8 +186,11 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, *,
-               text: Any = None, steps: Any = 50, guidance_scale: float = 1.0) -> torch.Tensor:
+               text: Any = None, steps: Any = 50, guidance_scale: float | None = None) -> torch.Tensor:
         """DDIM-invert images (B, 3, S, S) to their starting noise x_T (B, 3, S, S) under this conditioning
-        (paper: variations start from it and sample with eta > 0). Sample back with the same ``steps``."""
+        (paper: variations start from it and sample with DDIM, eta > 0). Deterministic; the model function and x0
+        clipping are those of :meth:`sample` (``guidance_scale`` None = the decoder's default, as there), so
+        ``sample(..., sampler="ddim", eta=0, steps=steps, guidance_scale=<the same>, x_T=x_T)`` maps it back to
+        the images up to the discretisation error of the ODE."""
         model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale)
-        return ddim_invert(self.diffusion, model_fn, images, steps=steps)
+        return ddim_invert(self.diffusion, model_fn, images, steps=steps, clip_denoised=True)
