@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unclip_pl.utils.checkpoint import atomic_save
+from unclip_pl.utils.checkpoint import CheckpointError, atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,20 @@ PREFIXES = {"ema": "ema.module.", "model": "model."}
 #: Classes a checkpoint may legitimately contain besides tensors and plain containers (allow-listed on demand).
 _SAFE_EXTRA = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model its config builds (message lists the keys)."""
+# Errors: ``CheckpointError`` (the one of ``unclip_pl.utils.checkpoint``, importable from here too): a checkpoint that
+# cannot be read, is of another stage, or does not fit the model its config builds (the keys listed).
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``, allow-listing only :data:`_SAFE_EXTRA` if the first try needs it."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a complete checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as first:
@@ -58,9 +61,29 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             with torch.serialization.safe_globals(_SAFE_EXTRA):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError:
-            raise CheckpointError(
-                f"{path} holds objects torch.load(weights_only=True) refuses (not loading arbitrary pickles): "
-                f"{str(first).strip().splitlines()[0]}") from first
+            reason = _unpickler_reason(first)
+            if "Unsupported global" in reason:
+                raise CheckpointError(f"{path}: holds objects torch.load(weights_only=True) refuses (not loading "
+                                      f"arbitrary pickles): {reason}") from None
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({reason})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, another file format, ...: unusable either way
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file, or a truncated or corrupt one "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(e).__name__
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The one useful line of torch's page-long weights-only error (what the unpickler met), else its first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return rest.split(" was not an allowed global")[0][:160]
+    return _first_line(e)
 
 
 def checkpoint_stage(cfg: dict[str, Any]) -> str:
@@ -111,6 +134,9 @@ def resolve_checkpoint(obj: dict[str, Any], which: str = "ema", source: str = "?
     if obj.get("format") == EXPORT_FORMAT:
         return {"stage": obj["stage"], "cfg": obj["cfg"], "clip": obj.get("clip"), "state_dict": obj["state_dict"],
                 "which": obj.get("which", "ema"), "run_cfg": None}
+    if "model_cfg" in obj and "state_dict" in obj:  # unclip_pl.clip.export_clip
+        raise CheckpointError(f"{source}: a CLIP weights file, not a prior/decoder/upsampler checkpoint (a CLIP is "
+                              f"given as clip.loader.checkpoint)")
     if "state_dict" not in obj:
         raise CheckpointError(f"{source}: neither a Lightning checkpoint nor an {EXPORT_FORMAT} export file "
                               f"(keys: {sorted(obj)[:10]})")
@@ -119,8 +145,11 @@ def resolve_checkpoint(obj: dict[str, Any], which: str = "ema", source: str = "?
         raise CheckpointError(f"{source}: the checkpoint has no 'cfg' entry (the resolved run config that "
                               f"unclip_pl.train stores): cannot rebuild its model")
     cfg = _to_plain(cfg)
-    stage = checkpoint_stage(cfg)
-    weights, used = stage_weights(obj["state_dict"], which)
+    try:
+        stage = checkpoint_stage(cfg)
+        weights, used = stage_weights(obj["state_dict"], which)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     return {"stage": stage, "cfg": cfg[stage], "clip": cfg.get("clip"), "state_dict": weights, "which": used,
             "run_cfg": cfg}
 
@@ -145,7 +174,7 @@ def load_weights_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], s
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if mismatched or missing or unexpected:
-        lines = [f"checkpoint {source} does not fit the model its config builds ({type(model).__name__}):"]
+        lines = [f"{source}: does not fit the model its config builds ({type(model).__name__}):"]
         for name, want, got in mismatched:
             lines.append(f"  shape mismatch {name}: model expects {want}, checkpoint has {got}")
         lines += [f"  missing from checkpoint: {k}" for k in missing]
@@ -154,18 +183,31 @@ def load_weights_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], s
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_stage(path: str | os.PathLike, which: str = "ema", map_location: Any = "cpu") -> nn.Module:
+def load_stage(path: str | os.PathLike, which: str = "ema", map_location: Any = "cpu",
+               stage: str | None = None) -> nn.Module:
     """Rebuild and load a stage model from a Lightning ``.ckpt`` or an :func:`export_weights` file.
 
     Args:
         path: checkpoint path. which: "ema" (default; falls back to "model" without EMA) or "model".
+        stage: the stage the caller expects ("prior" | "decoder" | "upsampler"), or None for any. When given, a
+            checkpoint of another stage is refused before its model is built, and every :class:`CheckpointError`
+            names the stage: ``"decoder checkpoint /path/x.ckpt: file not found"``.
     Returns:
         the ``unclip_pl.models`` object in eval mode with gradients off. Attributes set on it: ``stage_name``,
         ``stage_cfg`` (the stage's config block), ``clip_cfg`` (the run's clip block, or None), ``source_path``.
     """
-    info = resolve_checkpoint(read_checkpoint(path, map_location), which, str(path))
-    model = build_stage_model(info["cfg"])
-    load_weights_strict(model, info["state_dict"], str(path))
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    try:
+        info = resolve_checkpoint(read_checkpoint(path, map_location), which, str(path))
+        if stage is not None and info["stage"] != stage:
+            raise CheckpointError(f"{path}: this is a checkpoint of the {info['stage']} stage, not of the {stage}")
+        model = build_stage_model(info["cfg"])
+        load_weights_strict(model, info["state_dict"], str(path))
+    except CheckpointError as e:
+        if stage is None:
+            raise
+        raise CheckpointError(f"{stage} checkpoint {e}") from None
     model.eval().requires_grad_(False)
     model.stage_name = info["stage"]
     model.stage_cfg = info["cfg"]

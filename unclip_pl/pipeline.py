@@ -196,13 +196,10 @@ class UnCLIPPipeline:
 
         if decoder is None:
             raise ValueError("a decoder checkpoint is required")
-        dec = load_stage(decoder, which=which)
-        pri = load_stage(prior, which=which) if prior else None
-        ups = [load_stage(p, which=which) for p in (upsamplers or [])]
-        for name, m in [("decoder", dec), ("prior", pri)] + [(f"upsampler {i}", u) for i, u in enumerate(ups)]:
-            want = "upsampler" if name.startswith("upsampler") else name
-            if m is not None and m.stage_name != want:
-                raise ValueError(f"{m.source_path} is a {m.stage_name} checkpoint, given as the {name}")
+        # stage=: a checkpoint of another stage, or one that cannot be read, is a CheckpointError naming the stage
+        dec = load_stage(decoder, which=which, stage="decoder")
+        pri = load_stage(prior, which=which, stage="prior") if prior else None
+        ups = [load_stage(p, which=which, stage="upsampler") for p in (upsamplers or [])]
         clip_model = load_pipeline_clip(clip, dec)
         if not isinstance(settings, PipelineSettings):
             settings = settings_with_stage_defaults(settings, pri, dec, ups)
@@ -467,11 +464,17 @@ def load_pipeline_clip(clip: Any, decoder: nn.Module | None = None):
     (the ``clip.loader`` stored with the decoder checkpoint)."""
     if clip is not None and isinstance(clip, nn.Module):
         return clip
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
+    from unclip_pl.checkpoint_io import CheckpointError
+    from unclip_pl.clip.frozen import CLIPLoadError
+
     if isinstance(clip, DictConfig):
         clip = OmegaConf.to_container(clip, resolve=True)
+    where = "the CLIP given with clip=" if clip is not None else (
+        f"the CLIP of the decoder checkpoint {getattr(decoder, 'source_path', '?')}")
     if clip is None:
         clip_cfg = getattr(decoder, "clip_cfg", None)
         if not clip_cfg or "loader" not in clip_cfg:
@@ -481,4 +484,11 @@ def load_pipeline_clip(clip: Any, decoder: nn.Module | None = None):
         clip.update({k: v for k, v in expect.items() if v is not None})
     if isinstance(clip, dict) and "loader" in clip and "_target_" not in clip:
         clip = clip["loader"]
-    return instantiate(clip)
+    try:
+        return instantiate(clip)
+    except InstantiationException as e:  # a missing or unfit CLIP file: one sentence naming it, not Hydra's wrapper
+        if isinstance(e.__cause__, CLIPLoadError):
+            reason = str(e.__cause__).split(". Pass ")[0]
+            raise CheckpointError(f"{where}: {reason} (pass another CLIP with clip=..., see conf/sample.yaml)") \
+                from None
+        raise

@@ -1,6 +1,7 @@
 """load_stage / export_weights: EMA vs trained weights, strict shape checks listing keys, weights_only loading."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -88,3 +89,36 @@ def test_real_lightning_checkpoint_loads_weights_only(tiny, tmp_path):
     assert "cfg" in ck and "optimizer_states" in ck
     model = load_stage(tmp_path / "last.ckpt")
     assert torch.equal(model.net.out.weight, module.ema.module.net.out.weight)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "file not found"), ("directory", "a directory, not a checkpoint file"),
+    ("empty", "empty file (0 bytes)"), ("text", "not a PyTorch checkpoint file"),
+    ("truncated", "truncated or corrupt"), ("clip", "a CLIP weights file"),
+])
+def test_unreadable_checkpoint_names_the_file(tiny, tmp_path, kind, message):
+    path = {"missing": tmp_path / "nope.ckpt", "directory": tmp_path, "clip": tiny["clip_path"]}.get(
+        kind, tmp_path / f"{kind}.ckpt")
+    if kind == "empty":
+        path.touch()
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "truncated":
+        path.write_bytes(tiny["prior"].read_bytes()[:4000])
+    with pytest.raises(CheckpointError) as err:
+        load_stage(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=rf"^prior checkpoint {re.escape(str(path))}: "):
+        load_stage(path, stage="prior")
+
+
+def test_expected_stage_refuses_another_stage(tiny):
+    with pytest.raises(CheckpointError, match="this is a checkpoint of the prior stage, not of the decoder$"):
+        load_stage(tiny["prior"], stage="decoder")
+    assert load_stage(tiny["prior"], stage="prior").stage_name == "prior"
+    from unclip_pl.pipeline import UnCLIPPipeline
+
+    with pytest.raises(CheckpointError, match=rf"^upsampler checkpoint {re.escape(str(tiny['decoder']))}: "):
+        UnCLIPPipeline.from_checkpoints(clip=tiny["clip"], decoder=str(tiny["decoder"]),
+                                        upsamplers=[str(tiny["decoder"])])
