@@ -128,10 +128,13 @@ def mode_variations(pipe, cfg, rec):
     seeds = [int(cfg.seed) + i for i in range(n)]
     out = pipe.variations(image, n, invert=bool(cfg.invert), eta=cfg.get("eta"), seeds=seeds,
                           caption=cfg.get("caption"))
+    d = pipe.settings.decoder
     rec.update(n=n, seeds=seeds, invert=bool(cfg.invert), caption=cfg.get("caption"),
-               eta=cfg.get("eta") if cfg.get("eta") is not None else (
-                   pipe.settings.decoder.variation_eta if cfg.invert else pipe.settings.decoder.eta),
+               eta=cfg.get("eta") if cfg.get("eta") is not None else (d.variation_eta if cfg.invert else d.eta),
                layout="input image, then n variations")
+    if cfg.invert:  # inversion and sampling both run DDIM with invert_steps, whatever the decoder's sampler
+        rec.update(variation_sampler={"inversion": "ddim", "sampler": "ddim", "steps": d.invert_steps,
+                                      "guidance_scale": d.guidance_scale})
     return torch.cat([image.to(out), out]), n + 1
 
 
@@ -162,7 +165,8 @@ def mode_conditioning(pipe, cfg, rec):
     seeds = [int(cfg.seed) + i for i in range(len(prompts))]
     rows = pipe.conditioning_ablation(prompts, seeds)
     rec.update(captions=prompts, seeds=seeds, rows=list(rows),
-               layout="rows: zero CLIP embedding / CLIP text embedding / prior embedding; one column per caption")
+               layout="rows: caption only (the decoder's null CLIP embedding) / CLIP text embedding / prior "
+                      "embedding; one column per caption")
     return torch.cat(list(rows.values())), len(prompts)
 
 
