@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PRIOR_MIN=${PRIOR_MIN:-8}
-DECODER_MIN=${DECODER_MIN:-40}
-UPSAMPLER_MIN=${UPSAMPLER_MIN:-8}
+DECODER_MIN=${DECODER_MIN:-35}
+UPSAMPLER_MIN=${UPSAMPLER_MIN:-6}
 TRAIN_EVAL=${TRAIN_EVAL:-96}   # train-split images evaluated (a seeded random subset); val is evaluated whole
 RUNS=logs/emoji_cascade/runs
 OUT=${OUT:-logs/emoji_cascade/results}
