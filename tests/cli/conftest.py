@@ -182,6 +182,11 @@ def stages(cli_root, emoji_root, inputs, tmp_path_factory):
     clip_root = tmp_path_factory.mktemp("clip_stage_root")  # its own root: what a stage=clip run leaves in a cache
     side = {
         "clip": Command([script("train.py"), "stage=clip", *data, *clip, "run_name=clip"], clip_root),
+        # README: `stage=clip clip.export_to=data/cache/clip/unclip-tiny.pt` and the judge CLIP
+        "clip_export": Command([script("train.py"), "stage=clip", *data, *clip, "run_name=exported",
+                                "clip.export_to=data/cache/clip/unclip-tiny.pt"], tmp_path_factory.mktemp("export")),
+        "judge": Command([script("train.py"), "stage=clip", "clip=judge", "seed=1", "run_name=judge", *data, *clip],
+                         clip_root),
         "cfg_job": Command([script("train.py"), "prior=diffusion", "--cfg", "job"], cli_root),
         "make_shards": Command(["-m", "unclip_pl.data.make_shards", "photos/", "data/photos", "--maxcount", "4",
                                 "--maxsize", "1e9", "--prefix", "photos"], cli_root),

@@ -80,6 +80,25 @@ def test_clip_stage_exports_into_its_run_directory(stages):
     assert not (cmd.root / "data" / "cache").exists(), "a stage=clip run leaves the shared CLIP cache alone"
 
 
+def test_clip_export_to_fills_the_cache_and_the_judge_trains(stages):
+    """`stage=clip clip.export_to=data/cache/clip/unclip-tiny.pt` fills the cache, with how it was trained;
+    `stage=clip clip=judge seed=1 run_name=judge` writes the judge into its run directory."""
+    from unclip_pl.clip.small import read_training_record
+
+    cmd = stages["side"]["clip_export"]
+    cmd.wait().check()
+    cache = cmd.root / "data" / "cache" / "clip" / "unclip-tiny.pt"
+    record = read_training_record(cache)
+    assert record == read_training_record(cmd.root / "logs" / "train" / "runs" / "exported" / "clip.pt")
+    assert record["steps"] > 0 and not record["smoke_test"] and "i2t_top5" in record["val"]
+
+    judge = stages["side"]["judge"]
+    judge.wait().check()
+    run_dir = judge.root / "logs" / "train" / "runs" / "judge"
+    assert yaml.safe_load((run_dir / "config_resolved.yaml").read_text())["clip"]["name"] == "judge"
+    assert read_training_record(run_dir / "clip.pt")["seed"] == 1
+
+
 def test_print_config(stages):
     """`python train.py prior=diffusion --cfg job` prints the composed job config and trains nothing."""
     done = stages["side"]["cfg_job"].wait().check()
