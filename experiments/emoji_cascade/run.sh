@@ -14,8 +14,8 @@ TRAIN_EVAL=${TRAIN_EVAL:-96}   # train-split images evaluated (a seeded random s
 RUNS=logs/emoji_cascade/runs
 OUT=${OUT:-logs/emoji_cascade/results}
 mkdir -p "$OUT"
-# bf16 autocast for the convolutional stages where the CPU computes bf16 natively (AVX512-BF16 or AMX); without it
-# (e.g. AVX2-only CPUs) bf16 is emulated and several times slower than float32.
+# bf16 autocast for the convolutional stages where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere
+# (AVX2-only CPUs) bf16 is converted in software and gains nothing, so float32.
 if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=${PRECISION:-bf16-mixed}; else
   PRECISION=${PRECISION:-32-true}; fi
 budget() { printf "00:00:%02d:00" "$1"; }
