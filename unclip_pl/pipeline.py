@@ -16,7 +16,6 @@ states are masked out exactly as the caption dropout does in training.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
@@ -26,7 +25,6 @@ from torch import nn
 
 from unclip_pl.interp import slerp_path, text_diff_path
 
-log = logging.getLogger(__name__)
 
 Captions = Sequence[str | None]
 
