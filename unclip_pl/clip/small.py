@@ -138,16 +138,26 @@ def export_clip(model: nn.Module, model_name: str, model_cfg: dict[str, Any], pa
     return atomic_save(payload, path)
 
 
-def read_training_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``training`` record of an exported CLIP file (None when the file has none or is not an export)."""
+def read_export_header(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``format``, ``model_name`` and ``training`` of an exported CLIP file, read through a memory map (the weights
+    are not loaded); None when the file cannot be read or is not an export."""
     import torch
 
     try:
         obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 -- unreadable files are reported by load_clip, not here
         return None
-    record = obj.get("training") if isinstance(obj, dict) else None
-    return dict(record) if isinstance(record, dict) else None
+    if not (isinstance(obj, dict) and obj.get("format") == EXPORT_FORMAT and obj.get("model_name")):
+        return None
+    training = obj.get("training")
+    return {"format": obj["format"], "model_name": str(obj["model_name"]),
+            "training": dict(training) if isinstance(training, dict) else None}
+
+
+def read_training_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``training`` record of an exported CLIP file (None when the file has none or is not an export)."""
+    header = read_export_header(path)
+    return header["training"] if header else None
 
 
 def describe_training(record: dict[str, Any] | None) -> str:

@@ -137,13 +137,14 @@ class CLIPModule(StageModule):
                 "smoke_test": bool(short or trainer.fast_dev_run or trainer.interrupted), "val": val,
                 "data": getattr(trainer.datamodule, "data_id", None), "seed": _seed()}
 
-    def export(self, path: str | None = None) -> str | None:
+    def export(self, path: str | None = None, record: dict[str, Any] | None = None) -> str | None:
         """Write the (EMA if any) CLIP weights + config + training record with ``export_clip``; returns the path."""
         path = path or self.export_path
         if not path:
             return None
         model = self.eval_model
-        export_clip(model.clip, model.model_name, model.model_cfg, path, training=self.training_record())
+        export_clip(model.clip, model.model_name, model.model_cfg, path,
+                    training=record if record is not None else self.training_record())
         return path
 
     def on_fit_end(self) -> None:
@@ -152,7 +153,7 @@ class CLIPModule(StageModule):
         record = self.training_record()
         for path in (self.export_path, self.export_to):
             if path:
-                self.export(path)
+                self.export(path, record)
                 rank_zero_info(f"[clip] exported the trained CLIP to {path} ({describe_training(record)}); later "
                                f"stages load it with clip.loader.checkpoint={path}")
 

@@ -85,7 +85,7 @@ def describe_block(block: Mapping[str, Any]) -> str:
 def load_judge(spec: Any, device: str | torch.device = "cpu") -> Judge | None:
     """The separate evaluation CLIP of ``spec`` (see the module docstring), on ``device``; None for None/""."""
     from unclip_pl.clip.frozen import CLIPLoadError, load_clip
-    from unclip_pl.clip.small import EXPORT_FORMAT
+    from unclip_pl.clip.small import EXPORT_FORMAT, read_export_header
 
     spec = _plain(spec)
     if spec is None or spec == "":
@@ -96,18 +96,14 @@ def load_judge(spec: Any, device: str | torch.device = "cpu") -> Judge | None:
             raise JudgeError(f"judge={spec}: no such file. Give the path of a CLIP exported with "
                              f"unclip_pl.clip.small.export_clip, or a loader block "
                              f"judge={{_target_:unclip_pl.clip.frozen.load_clip,model_name:NAME,checkpoint:PATH}}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 -- corrupt / pickled-object files
-            raise JudgeError(f"judge={spec}: cannot read it with torch.load(weights_only=True): {e}") from e
-        if not (isinstance(obj, dict) and obj.get("format") == EXPORT_FORMAT and obj.get("model_name")):
+        header = read_export_header(path)  # memory-mapped: load_clip below reads the weights once
+        if header is None:
             raise JudgeError(
-                f"judge={spec} is not an exported CLIP file (format {EXPORT_FORMAT}, written by "
+                f"judge={spec} is not an exported CLIP file, or cannot be read (format {EXPORT_FORMAT}, written by "
                 f"unclip_pl.clip.small.export_clip). For an open_clip state dict, name the architecture with a "
                 f"loader block: judge={{_target_:unclip_pl.clip.frozen.load_clip,model_name:ViT-B-32,"
                 f"checkpoint:{spec}}}")
-        name = str(obj["model_name"])
-        del obj
+        name = header["model_name"]
         try:
             clip = load_clip(name, checkpoint=path, device=device)
         except CLIPLoadError as e:
