@@ -34,10 +34,11 @@ class TinyModel(nn.Module):
 class TinyStage(StageModule):
     def __init__(self, model: nn.Module, optimizer=None, warmup_steps: int = 0, ema_decay: float | None = 0.9,
                  record_dir: str | None = None, signal_at_step: int | None = None, signal_name: str = "SIGTERM",
-                 fail: bool = False):
+                 fail: bool = False, run_config: dict | None = None):
         if fail:
             raise RuntimeError("deliberate failure (test)")
-        super().__init__(model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay)
+        super().__init__(model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay,
+                         run_config=run_config)
         self.record_dir, self.signal_at_step, self.signal_name = record_dir, signal_at_step, signal_name
 
     def features(self, batch: dict) -> torch.Tensor:
