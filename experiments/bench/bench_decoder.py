@@ -1,6 +1,6 @@
 """Benchmark of the decoder and an upsampler: training and sampling throughput at fixed reference shapes.
 
-Reference shapes (issue 4):
+Reference shapes:
 - decoder: 64x64 U-Net, 192 channels, mults 1,2,3,4, 2 res blocks, attention at 32,16,8 (the lower three levels),
   64-channel heads, D = 768 CLIP embedding (4 CLIP tokens), 77 caption tokens of width 768 given as precomputed
   states (the frozen-CLIP text source: the caption encoder is not part of the timed model), batch 128, bf16 autocast
@@ -260,10 +260,10 @@ def main() -> None:
                            "H100/H200 (see GPU check below): decoder training >= 35% of the bf16 matmul peak, "
                            "DDIM-50 sampling >= 70 images/s."),
         "",
-        "The issue quotes this shape at about 185M parameters; this U-Net has more because, as in ADM, the up path has "
-        "one more residual block per level than the down path, the time embedding drives a scale and a shift in "
-        "every residual block, and every attention layer projects the caption and CLIP context into its own keys "
-        "and values.",
+        "The reference shape is often quoted at about 185M parameters; this U-Net has more because, as in ADM, the up "
+        "path has one more residual block per level than the down path, the time embedding drives a scale and a "
+        "shift in every residual block, and every attention layer projects the caption and CLIP context into its own "
+        "keys and values.",
     ]
     body = "\n".join(lines)
     print(body)

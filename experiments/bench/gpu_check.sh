@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the speed targets ask to measure, in one call on a lent H100/H200 (a session has 15 device minutes):
+# Everything the speed targets ask to measure, in one call of about 10 minutes on an H100/H200:
 #   1. bench_prior.py --compile    training samples/s, model TFLOP/s and % of the measured bf16 peak; sampling emb/s
 #   2. bench_decoder.py --compile  decoder training, DDIM-50 guided sampling, upsampler at 256x256, peak memory
 #   3. a short bf16 fit of each stage on the built-in emoji data (trainer=gpu): prior, decoder, upsampler
@@ -8,7 +8,7 @@
 # Results land in $OUT: summary.txt (device, torch, rc and time of each part), bench.md (the tables, to paste into
 # experiments/bench/README.md), <part>.log, fit_<stage>.csv (the fits' logged metrics, perf/samples_per_sec included).
 #
-# On the GPU machine, after installing the wheels it lacks (see the shared GPU README):
+# On the GPU machine, with the project installed (CUDA build of torch):
 #   bash experiments/bench/gpu_check.sh
 # A dry run of the same parts on this CPU, with tiny sizes: DEVICE=cpu bash experiments/bench/gpu_check.sh
 set -u
