@@ -1,17 +1,23 @@
 """2-process DDP (gloo, CPU) through the real entry point and the real ShardDataModule: the fit finishes and the
-two ranks train on disjoint samples. Multirun: failing jobs do not stop the others; submitit's local launcher."""
+two ranks train on disjoint samples. ``gather_rows`` with uneven rows on 2 gloo ranks. Multirun: failing jobs do
+not stop the others; submitit's local launcher."""
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 
 import numpy as np
 import pytest
+import torch
+import torch.multiprocessing as mp
 from ops_helpers import run_cli
 from PIL import Image
 
-from unclip_pl.data.shards import write_shards
+from tests.pipeline.dist_worker import gather_rows_main
+from unclip_pl.data.writer import write_shards
+from unclip_pl.utils.distributed import gather_counts, gather_rows
 
 
 def _png(seed: int) -> bytes:
@@ -40,6 +46,37 @@ def test_ddp_two_cpu_processes_disjoint_data(tmp_path, tiny_shards):
     log = (tmp_path / "train" / "runs" / "ddp" / "train.log").read_text()
     assert "global batch 8 = 4 per device x 2 device(s)" in log
     assert not set(keys[0]) & set(keys[1]), "the two ranks trained on the same samples"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gather_rows_without_process_group_is_identity():
+    x = torch.randn(3, 2)
+    assert gather_rows(x) is x and gather_rows(x, sync_grads=True) is x and gather_counts(3) == [3]
+    with pytest.raises(ValueError, match="0-d"):
+        gather_rows(torch.tensor(1.0))
+
+
+def test_gather_rows_two_gloo_ranks_uneven(tmp_path):
+    """Rank 0 holds 3 rows, rank 1 holds 5 (and 0 + 4): every rank gets all rows in rank order, dtype and trailing
+    dims kept; with sync_grads each rank's rows get the gradients of both ranks' copies; bad input is a ValueError."""
+    mp.spawn(gather_rows_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    grid = torch.arange(8 * 4, dtype=torch.float32).reshape(8, 4)
+    tokens = torch.cat([torch.arange(18).reshape(3, 2, 3), torch.arange(30).reshape(5, 2, 3) + 100])
+    weights = torch.arange(8, dtype=torch.float32)[:, None].expand(8, 4)
+    for rank, rows in ((0, slice(0, 3)), (1, slice(3, 8))):
+        out = torch.load(tmp_path / f"gather_rank{rank}.pt")
+        assert out["counts"] == [3, 5]
+        torch.testing.assert_close(out["rows"], grid, rtol=0, atol=0)
+        torch.testing.assert_close(out["empty_one"], torch.full((4, 2), 2.0), rtol=0, atol=0)
+        assert out["tokens"].dtype == torch.int64 and torch.equal(out["tokens"], tokens)
+        torch.testing.assert_close(out["grad"], 2 * weights[rows])  # summed over the 2 ranks' copies
+        assert out["no_grad"]
+        assert "trailing dims differ" in out["bad_trailing"] and "do not match world size" in out["bad_counts"]
 
 
 def test_multirun_failing_job_does_not_stop_others(tmp_path):

@@ -13,6 +13,7 @@ from torch import nn
 from unclip_pl.clip.frozen import (encode_text_tokens, loader_tokenizer, model_image_size, preprocess_images,
                                    tokenizer_for)
 from unclip_pl.clip.small import DEFAULT_SMALL, SMALL_CLIP_CONFIGS, build_from_config, small_clip_config
+from unclip_pl.utils.distributed import gather_counts, gather_rows, is_distributed
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -81,7 +82,7 @@ class ContrastiveCLIP(nn.Module):
         read them back to the host (a sync per step on GPU)."""
         gather = self.gather if gather is None else gather
         offset, all_img, all_txt, valid = 0, img, txt, None
-        if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if gather and is_distributed():
             offset, all_img, all_txt, valid = _gather_features(img, txt, pad_to)
         scale = self.clip.logit_scale.exp()
         logits_i2t = scale * img @ all_txt.T  # (B, N): N = B, the sum of B over ranks, or world * pad_to
@@ -100,13 +101,11 @@ class ContrastiveCLIP(nn.Module):
 
 def _gather_features(img: torch.Tensor, txt: torch.Tensor, pad_to: int | None = None
                      ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Differentiable all-gather of (B_r, D) features from every rank.
+    """Differentiable all-gather (``gather_rows(sync_grads=True)``) of (B_r, D) features from every rank.
 
     With ``pad_to``: every rank sends ``pad_to`` rows plus a validity flag; no host sync. Returns (offset of this
     rank's rows = rank * pad_to, (world * pad_to, D) images, texts, valid (world * pad_to,) bool).
     Without: the sizes are exchanged and read back first; returns (offset, (sum B_r, D) images, texts, None)."""
-    import torch.distributed.nn.functional as dist_fn
-
     world, rank = dist.get_world_size(), dist.get_rank()
     b, d = img.shape
     both = torch.cat([img, txt], dim=-1)  # (B, 2D)
@@ -115,15 +114,8 @@ def _gather_features(img: torch.Tensor, txt: torch.Tensor, pad_to: int | None = 
             raise ValueError(f"contrastive gather: local batch {b} is larger than pad_to={pad_to}")
         flag = torch.ones(b, 1, dtype=both.dtype, device=both.device)
         rows = F.pad(torch.cat([both, flag], dim=-1), (0, 0, 0, pad_to - b))  # (pad_to, 2D + 1), flag 0 on padding
-        full = torch.cat(dist_fn.all_gather(rows), dim=0)  # (world * pad_to, 2D + 1)
+        full = gather_rows(rows, counts=[pad_to] * world, sync_grads=True)  # (world * pad_to, 2D + 1)
         return rank * pad_to, full[:, :d], full[:, d:2 * d], full[:, -1] > 0.5
-    n = torch.tensor([b], device=img.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    pad = max(sizes) - b
-    if pad:
-        both = torch.cat([both, both.new_zeros(pad, both.shape[1])], dim=0)
-    parts = dist_fn.all_gather(both)
-    full = torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    sizes = gather_counts(b)
+    full = gather_rows(both, counts=sizes, sync_grads=True)  # (sum B_r, 2D)
     return sum(sizes[:rank]), full[:, :d], full[:, d:], None

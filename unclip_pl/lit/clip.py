@@ -20,6 +20,7 @@ from unclip_pl.clip.frozen import text_tower
 from unclip_pl.clip.small import DEFAULT_SMALL, describe_training, export_clip
 from unclip_pl.lit.base import StageModule
 from unclip_pl.metrics.retrieval import caption_groups, clip_retrieval
+from unclip_pl.utils.distributed import gather_rows
 
 
 class CLIPModule(StageModule):
@@ -56,10 +57,11 @@ class CLIPModule(StageModule):
         ema_decay: float | None = None,
         export_to: str | None = None,
         recommended_epochs: int | None = None,
+        run_config: dict[str, Any] | None = None,
     ):
         model = ContrastiveCLIP(model_name, model_cfg, trim_text=trim_text)
         super().__init__(model=model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay,
-                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, run_config=run_config)
         self.export_path = str(export_path) if export_path else None
         self.export_to = str(export_to) if export_to else None
         self.recommended_epochs = int(recommended_epochs) if recommended_epochs else None
@@ -102,25 +104,12 @@ class CLIPModule(StageModule):
         txt = torch.cat([o[1] for o in self._val_outputs])
         tokens = torch.cat([o[2] for o in self._val_outputs])
         self._val_outputs = []
-        if self.trainer.world_size > 1:
-            img, txt, tokens = (self._gather_rows(t) for t in (img, txt, tokens))
+        img, txt, tokens = (gather_rows(t) for t in (img, txt, tokens))  # (sum N_r, ...) over ranks, on the CPU
         metrics = clip_retrieval(img, txt, caption_groups(tokens), k=(1, 5))
         # identical on every rank after the gather, so no further sync is needed
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name == "i2t_top1")
         self.log("val/n_samples", float(img.shape[0]))
-
-    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate (N_r, ...) tensors from all ranks (N_r may differ) -> (sum N_r, ...) on CPU."""
-        dev = self.device
-        n = torch.tensor([x.shape[0]], device=dev)
-        sizes = self.all_gather(n).reshape(-1).tolist()  # (world,)
-        pad = int(max(sizes)) - x.shape[0]
-        x = x.to(dev)
-        if pad:
-            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], dim=0)
-        gathered = self.all_gather(x)  # (world, max N, ...)
-        return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes)]).cpu()
 
     # ------------------------------------------------------------------ export
     def training_record(self) -> dict[str, Any]:

@@ -11,8 +11,8 @@ Implementation notes (own code, no scipy):
   round-off eigenvalues clamped to 0), the matrix M = S C_2 S is symmetric PSD and similar to C_1 C_2 (same spectrum),
   so tr((C_1 C_2)^(1/2)) = sum_k sqrt(lambda_k(M)). This is exact up to round-off, needs no iteration and stays
   stable for the rank-deficient covariances of small sample sets (N < D), where scipy's sqrtm returns complex noise.
-- Distributed: features are GATHERED from every rank (``torch.distributed.all_gather``, uneven per-rank counts
-  supported by padding) before the statistics are computed, so the value equals a single process over all data.
+- Distributed: features are GATHERED from every rank (``unclip_pl.utils.distributed.gather_rows``: uneven per-rank
+  counts) before the statistics are computed, so the value equals a single process over all data.
   Averaging per-process FIDs would not (FID is not linear in the samples).
 - CLIP-space FID uses the unit-norm CLIP image embeddings (D = clip.embed_dim); its values are on a much smaller
   scale than Inception FID and are only comparable between runs that use the same CLIP (see ``clip.fingerprint``).
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
+
+from unclip_pl.utils.distributed import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,33 +36,15 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 # ----------------------------------------------------------------------------------------------------------- gather
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def gather_features(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (N_r, D) from every rank, in rank order; identity without an initialised process group.
 
-    Ranks may hold different N_r: counts are gathered first and every rank pads to the largest. The result is on
-    x's device, float32 (N, D) with N = sum_r N_r, identical on every rank.
+    ``unclip_pl.utils.distributed.gather_rows`` on the detached float32 features: ranks may hold different N_r.
+    The result is on x's device, float32 (N, D) with N = sum_r N_r, identical on every rank.
     """
-    if not _dist_ready():
-        return x
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    local = x.detach().float().to(device)
-    if local.ndim != 2:
+    if x.ndim != 2:
         raise ValueError(f"gather_features expects (N, D), got {tuple(x.shape)}")
-    n = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, n)
-    counts = [int(c.item()) for c in counts]
-    n_max = max(counts)
-    padded = torch.zeros(n_max, local.shape[1], dtype=local.dtype, device=device)
-    padded[: local.shape[0]] = local
-    parts = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
+    return gather_rows(x.detach().float())
 
 
 # ----------------------------------------------------------------------------------------------------------- stats
