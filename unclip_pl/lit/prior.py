@@ -17,6 +17,7 @@ from torch import nn
 
 from unclip_pl.lit.base import StageModule
 from unclip_pl.metrics.prior_metrics import prior_metrics
+from unclip_pl.utils.distributed import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +134,10 @@ class PriorModule(StageModule):
             pred = model.sample(txt_emb, tokens, mask, generator=self._generator(batch_idx), **self.val_sample_kwargs)
             self._val_outputs.append((pred.float(), img_emb, txt_emb))
 
-    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """All-gather (N_rank, D) tensors of different lengths -> (sum N, D)."""
-        if self.trainer.world_size <= 1:
-            return x
-        n = torch.tensor([x.shape[0]], device=x.device)
-        sizes = self.all_gather(n).flatten()  # (world,)
-        pad = int(sizes.max().item()) - x.shape[0]
-        padded = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
-        gathered = self.all_gather(padded)  # (world, max, D)
-        return torch.cat([gathered[r, : int(s)] for r, s in enumerate(sizes.tolist())])
-
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
             return
-        pred, img, txt = (self._gather_rows(torch.cat(xs)) for xs in zip(*self._val_outputs))
+        pred, img, txt = (gather_rows(torch.cat(xs)) for xs in zip(*self._val_outputs))  # (sum N_r, D)
         self._val_outputs = []
         metrics = prior_metrics(pred, img, txt)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
