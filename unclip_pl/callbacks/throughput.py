@@ -1,4 +1,12 @@
-"""Training throughput (samples/s) and peak accelerator memory, logged every ``log_every_n_steps``."""
+"""Training throughput (samples/s), the global batch and peak accelerator memory, logged every
+``log_every_n_steps`` under ``perf/``.
+
+Why not Lightning's ``ThroughputMonitor`` (``pytorch_lightning.callbacks``): it calls ``torch.cuda.synchronize()``
+after every training batch (a device stall per step), needs a ``batch_size_fn`` and warns unless the module defines
+``flops_per_batch`` (none of ours do), and logs neither the global batch nor memory. ``PerfMonitor`` reads the
+batch size from the dict batch, times whole steps between logging points without syncs, and adds
+``perf/global_batch`` and ``perf/max_memory_gb``. Use Lightning's when FLOPs/MFU or validation throughput matter.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 
-class ThroughputMonitor(pl.Callback):
+class PerfMonitor(pl.Callback):
     """Logs ``perf/samples_per_sec`` (global: summed over ranks), ``perf/global_batch`` and, on CUDA,
     ``perf/max_memory_gb``. Times whole optimisation steps between logging points, so no extra device syncs."""
 
