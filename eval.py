@@ -115,7 +115,10 @@ def read_split(urls: Any, image_size: int, max_samples: int | None, seed: int, b
 
     Only the chosen samples' images are decoded; corrupt images are skipped (one warning each).
     """
-    from unclip_pl.data.shards import DecodeSamples, LoaderStats, collate, expand_urls, tar_samples
+    from unclip_pl.data.decode import DecodeSamples, collate
+    from unclip_pl.data.stats import LoaderStats
+    from unclip_pl.data.tar_reader import tar_samples
+    from unclip_pl.data.urls import expand_urls
 
     if urls is None:
         raise EvalError("the data config gives no shards for this split")

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from unclip_pl.data.shards import build_pipeline, write_shards  # noqa: E402
+from unclip_pl.data.pipeline import TrainOrder, build_pipeline  # noqa: E402
+from unclip_pl.data.writer import write_shards  # noqa: E402
 
 README = Path(__file__).with_name("README.md")
 SECTION = "## Data loader"
@@ -83,8 +84,8 @@ def measure(urls, image_size: int, workers: int, batch_size: int = 64, min_sampl
     CPU time is what the loading processes used (the main process when ``workers == 0``, else the workers),
     so the second number is what one worker delivers with a core of its own, whatever else runs on the machine.
     """
-    ds = build_pipeline(urls, needs=("image", "txt"), image_size=image_size, batch_size=batch_size, train=True,
-                        shuffle_buffer=1000)
+    ds = build_pipeline(urls, needs=("image", "txt"), image_size=image_size, batch_size=batch_size,
+                        order=TrainOrder(shuffle_buffer=1000))
     loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None)
     n, t0, c0, it = 0, None, None, None

@@ -18,7 +18,7 @@ from data_testutils import FakeCLIP, make_samples  # noqa: E402
 @pytest.fixture
 def shard_dir(tmp_path):
     """8 shards x 5 samples (40 total), keys s00000..s00039, 40x48 noise PNGs."""
-    from unclip_pl.data.shards import write_shards
+    from unclip_pl.data.writer import write_shards
 
     d = tmp_path / "shards"
     urls = write_shards(make_samples(40), d, prefix="part", maxcount=5)

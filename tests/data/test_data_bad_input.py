@@ -9,7 +9,10 @@ import pytest
 
 from data_testutils import make_samples
 from unclip_pl.data.datamodule import ShardDataModule
-from unclip_pl.data.shards import MissingKeyError, ShardError, build_pipeline, write_shards
+from unclip_pl.data.decode import MissingKeyError
+from unclip_pl.data.pipeline import build_pipeline
+from unclip_pl.data.tar_reader import ShardError
+from unclip_pl.data.writer import write_shards
 
 
 def _with_corrupt(tmp_path, bad: dict[int, bytes]):
@@ -22,8 +25,8 @@ def _with_corrupt(tmp_path, bad: dict[int, bytes]):
 def test_corrupt_image_skipped_counted_and_logged(tmp_path, caplog):
     good = make_samples(1)[0]["png"]
     urls = _with_corrupt(tmp_path, {2: b"not an image at all", 7: good[: len(good) // 2]})
-    p = build_pipeline(urls, needs=("image", "txt"), image_size=16, batch_size=4, train=False)
-    with caplog.at_level(logging.WARNING, logger="unclip_pl.data.shards"):
+    p = build_pipeline(urls, needs=("image", "txt"), image_size=16, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="unclip_pl.data.decode"):
         keys = [k for b in p for k in b["key"]]
     assert len(keys) == 10 and "s00002" not in keys and "s00007" not in keys
     assert p.stats.skipped_corrupt == 2 and p.stats.samples == 10
@@ -34,7 +37,7 @@ def test_corrupt_image_skipped_counted_and_logged(tmp_path, caplog):
 
 def test_corrupt_image_not_decoded_when_images_not_needed(tmp_path):
     urls = _with_corrupt(tmp_path, {0: b"garbage"})
-    p = build_pipeline(urls, needs=("txt",), batch_size=12, train=False)
+    p = build_pipeline(urls, needs=("txt",), batch_size=12)
     assert len(next(iter(p))["key"]) == 12 and p.stats.skipped_corrupt == 0
 
 
@@ -51,7 +54,7 @@ def test_corrupt_counted_across_dataloader_workers(tmp_path):
     ("txt_emb", "txt_emb.npy", "python -m unclip_pl.data.embed"),
 ])
 def test_missing_embedding_names_key_shard_and_command(shard_dir, need, member, hint):
-    p = build_pipeline(shard_dir, needs=("txt", need), batch_size=4, train=False)
+    p = build_pipeline(shard_dir, needs=("txt", need), batch_size=4)
     with pytest.raises(MissingKeyError) as e:
         next(iter(p))
     msg = str(e.value)
@@ -63,12 +66,12 @@ def test_missing_caption_and_image(tmp_path):
     del s[1]["txt"]
     urls = write_shards(s, tmp_path / "t")
     with pytest.raises(MissingKeyError, match=r"'s00001'.*shard-000000\.tar.*'txt'.*make_shards"):
-        list(build_pipeline(urls, needs=("txt",), train=False))
+        list(build_pipeline(urls, needs=("txt",)))
     s = make_samples(2)
     del s[0]["png"]
     urls = write_shards(s, tmp_path / "i")
     with pytest.raises(MissingKeyError, match=r"'s00000'.*png\|jpg\|webp.*make_shards"):
-        list(build_pipeline(urls, needs=("image", "txt"), train=False))
+        list(build_pipeline(urls, needs=("image", "txt")))
 
 
 def test_missing_key_in_worker_raises_not_hangs(shard_dir):
@@ -93,7 +96,7 @@ def test_truncated_tar_fails_with_its_name(shard_dir, tmp_path, where):
     bad = tmp_path / "bad"
     shutil.copytree(shard_dir, bad)
     (bad / "part-000003.tar").write_bytes(data[:cut])
-    p = build_pipeline(bad, needs=("image", "txt"), batch_size=4, train=False)
+    p = build_pipeline(bad, needs=("image", "txt"), batch_size=4)
     with pytest.raises(ShardError) as e:
         list(p)
     assert str(bad / "part-000003.tar") in str(e.value) and "truncated" in str(e.value)
@@ -102,7 +105,7 @@ def test_truncated_tar_fails_with_its_name(shard_dir, tmp_path, where):
 def test_empty_file_is_an_error(tmp_path):
     (tmp_path / "e.tar").write_bytes(b"")
     with pytest.raises(ShardError, match="e.tar"):
-        list(build_pipeline(str(tmp_path / "e.tar"), needs=("txt",), train=False))
+        list(build_pipeline(str(tmp_path / "e.tar"), needs=("txt",)))
 
 
 def test_truncated_tar_in_worker_raises(shard_dir, tmp_path):

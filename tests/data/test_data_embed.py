@@ -11,7 +11,9 @@ from data_testutils import make_samples
 from unclip_pl.data import embed as embed_mod
 from unclip_pl.data.datamodule import ShardDataModule
 from unclip_pl.data.embed import embed_shards
-from unclip_pl.data.shards import build_pipeline, iter_tar, write_shards
+from unclip_pl.data.pipeline import build_pipeline
+from unclip_pl.data.tar_reader import iter_tar
+from unclip_pl.data.writer import write_shards
 
 
 @pytest.fixture
@@ -31,8 +33,7 @@ def test_embed_two_shards(two_shards, tmp_path, fake_clip):
     for s in got:
         assert set(s) == {"__key__", "__url__", "png", "txt", "img_emb.npy", "txt_emb.npy"}
         assert s["png"] == ins[s["__key__"]]["png"] and s["txt"] == ins[s["__key__"]]["txt"]
-    p = build_pipeline(outs, needs=("image", "txt", "img_emb", "txt_emb"), image_size=32, batch_size=8,
-                       train=False)
+    p = build_pipeline(outs, needs=("image", "txt", "img_emb", "txt_emb"), image_size=32, batch_size=8)
     (b,) = list(p)
     assert b["img_emb"].dtype == torch.float32 and b["img_emb"].shape == (8, 8)
     assert torch.allclose(b["img_emb"].norm(dim=-1), torch.ones(8), atol=2e-3)

@@ -7,7 +7,8 @@ import numpy as np
 
 from data_testutils import png_bytes, random_image
 from unclip_pl.data.make_shards import main, make_shards
-from unclip_pl.data.shards import build_pipeline, count_samples, iter_tar
+from unclip_pl.data.pipeline import build_pipeline
+from unclip_pl.data.tar_reader import count_samples, iter_tar
 from unclip_pl.data.transforms import tensor_to_uint8
 
 
@@ -36,7 +37,7 @@ def test_folder(tmp_path):
     samples = [s for u in r["urls"] for s in iter_tar(u)]
     keys = [s["__key__"] for s in samples]
     assert len(set(keys)) == 7 and all("." not in k.split("/")[-1] for k in keys)
-    p = build_pipeline(r["urls"], needs=("image", "txt"), image_size=24, batch_size=7, train=False)
+    p = build_pipeline(r["urls"], needs=("image", "txt"), image_size=24, batch_size=7)
     (b,) = list(p)
     by_txt = dict(zip(b["txt"], tensor_to_uint8(b["image"])))
     for i in range(7):

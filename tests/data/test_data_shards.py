@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from data_testutils import make_samples, random_image
-from unclip_pl.data.shards import (ShardWriter, batches_per_worker, build_pipeline, count_samples, expand_urls,
-                                   iter_tar, write_shards)
+from unclip_pl.data.pipeline import TrainOrder, batches_per_worker, build_pipeline
+from unclip_pl.data.tar_reader import count_samples, iter_tar
+from unclip_pl.data.urls import expand_urls
+from unclip_pl.data.writer import ShardWriter, write_shards
 from unclip_pl.data.transforms import tensor_to_uint8
 
 
@@ -22,8 +24,7 @@ def test_round_trip_values_equal(tmp_path):
     samples = make_samples(13, size=(40, 40), emb_dim=6)
     urls = write_shards(samples, tmp_path, maxcount=4)
     assert [os.path.basename(u) for u in urls] == [f"shard-00000{i}.tar" for i in range(4)]
-    p = build_pipeline(urls, needs=("image", "txt", "img_emb", "txt_emb"), image_size=40, batch_size=5,
-                       train=False)
+    p = build_pipeline(urls, needs=("image", "txt", "img_emb", "txt_emb"), image_size=40, batch_size=5)
     batches = list(p)
     assert [len(b["key"]) for b in batches] == [5, 5, 3]
     b = batches[0]
@@ -42,10 +43,10 @@ def test_round_trip_values_equal(tmp_path):
 
 
 def test_resize_crop_and_only_decode_when_needed(shard_dir):
-    p = build_pipeline(shard_dir, needs=("image", "txt"), image_size=16, batch_size=40, train=False)
+    p = build_pipeline(shard_dir, needs=("image", "txt"), image_size=16, batch_size=40)
     (b,) = list(p)
     assert b["image"].shape == (40, 3, 16, 16)
-    p = build_pipeline(shard_dir, needs=("txt",), image_size=16, batch_size=40, train=False)
+    p = build_pipeline(shard_dir, needs=("txt",), image_size=16, batch_size=40)
     (b,) = list(p)
     assert set(b) == {"key", "txt"}
 
@@ -57,14 +58,14 @@ def test_tokens_per_batch(shard_dir):
         calls.append(len(texts))
         return torch.ones(len(texts), 7, dtype=torch.int32)
 
-    p = build_pipeline(shard_dir, needs=("txt", "tokens"), batch_size=16, train=False, tokenizer=tok)
+    p = build_pipeline(shard_dir, needs=("txt", "tokens"), batch_size=16, tokenizer=tok)
     bs = list(p)
     assert calls == [16, 16, 8]
     assert bs[0]["tokens"].dtype == torch.int64 and bs[0]["tokens"].shape == (16, 7)
     with pytest.raises(ValueError, match="tokenizer"):
-        build_pipeline(shard_dir, needs=("tokens",), train=False)
+        build_pipeline(shard_dir, needs=("tokens",))
     with pytest.raises(ValueError, match="unknown needs"):
-        build_pipeline(shard_dir, needs=("pixels",), train=False)
+        build_pipeline(shard_dir, needs=("pixels",))
 
 
 def test_expand_urls_forms(shard_dir):
@@ -93,7 +94,7 @@ def test_expand_urls_missing_member_and_empty_dir(shard_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="empty"):
         expand_urls(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="matches no files"):
-        build_pipeline(str(tmp_path / "missing-{0..3}.tar"), train=False)
+        build_pipeline(str(tmp_path / "missing-{0..3}.tar"))
 
 
 def test_writer_caps_count_and_size(tmp_path):
@@ -125,7 +126,8 @@ def _simulated_keys(monkeypatch, shard_dir, rank, world, worker, workers, train)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("WORKER", str(worker))
     monkeypatch.setenv("NUM_WORKERS", str(workers))
-    p = build_pipeline(shard_dir, needs=("txt",), batch_size=3, train=train, shuffle_buffer=10, seed=7)
+    order = TrainOrder(shuffle_buffer=10, seed=7) if train else None
+    p = build_pipeline(shard_dir, needs=("txt",), batch_size=3, order=order)
     return _keys(p)
 
 
@@ -159,22 +161,22 @@ def test_single_rank_real_dataloader_workers(shard_dir):
 
 
 def test_train_shard_order_same_on_all_ranks_and_changes_per_pass(shard_dir):
-    p = build_pipeline(shard_dir, needs=("txt",), batch_size=40, train=True, shuffle_buffer=0, seed=3)
+    p = build_pipeline(shard_dir, needs=("txt",), batch_size=40, order=TrainOrder(shuffle_buffer=0, seed=3))
     first, second = _keys(p), _keys(p)
     assert sorted(first) == sorted(second) and first != second
-    q = build_pipeline(shard_dir, needs=("txt",), batch_size=40, train=True, shuffle_buffer=0, seed=3)
+    q = build_pipeline(shard_dir, needs=("txt",), batch_size=40, order=TrainOrder(shuffle_buffer=0, seed=3))
     assert _keys(q) == first
 
 
 def test_resampled_epoch_length(monkeypatch, shard_dir):
-    p = build_pipeline(shard_dir, needs=("txt",), batch_size=4, train=True, resampled=True, epoch_length=30)
+    p = build_pipeline(shard_dir, needs=("txt",), batch_size=4, order=TrainOrder("resampled", epoch_length=30))
     bs = list(p)
     assert len(bs) == 8 and all(len(b["key"]) == 4 for b in bs)  # ceil(30 / 4) batches, drawn with replacement
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert len(list(p)) == batches_per_worker(30, 4, 2, 1) == 4
     with pytest.raises(ValueError, match="epoch_length"):
-        build_pipeline(shard_dir, resampled=True)
+        build_pipeline(shard_dir, order=TrainOrder("resampled"))
 
 
 @pytest.mark.parametrize("n_shards", [8, 5])

@@ -27,7 +27,7 @@ CAPS = ["red heart", "blue car", "red heart", "green tree", "yellow sun", "cat f
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """train: 24 samples in 6 shards of 4; val: 6 samples in 2 shards of 3."""
-    from unclip_pl.data.shards import write_shards
+    from unclip_pl.data.writer import write_shards
 
     root = tmp_path_factory.mktemp("shards")
     out = {}

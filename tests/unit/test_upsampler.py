@@ -105,7 +105,7 @@ def test_low_res_made_in_loader_workers_equals_the_training_step():
 
     from torch.utils.data import DataLoader
 
-    from unclip_pl.data.shards import AddKey
+    from unclip_pl.data.pipeline import AddKey
     from unclip_pl.models.upsampler import LowRes
 
     up = tiny_upsampler()

@@ -12,8 +12,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from .shards import (LoaderStats, VALID_NEEDS, batches_per_worker, build_pipeline, count_samples, expand_urls,
-                     _is_remote)
+from .decode import VALID_NEEDS
+from .pipeline import TrainOrder, batches_per_worker, build_pipeline
+from .stats import LoaderStats
+from .tar_reader import count_samples
+from .urls import expand_urls, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ def _source_id(urls: list[str]) -> str:
     h = hashlib.sha1()
     for u in urls:
         h.update(u.encode())
-        if not _is_remote(u) and os.path.exists(u):
+        if not is_remote(u) and os.path.exists(u):
             st = os.stat(u)
             h.update(f":{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:10]
@@ -156,31 +159,32 @@ class ShardDataModule(pl.LightningDataModule):
         tokenizer = self.tokenizer
         if "tokens" in needs and tokenizer is None and self.clip is not None:
             tokenizer = getattr(self.clip, "loader_tokenizer", None) or self.clip.tokenize
-        common = dict(needs=needs, image_size=self.image_size, tokenizer=tokenizer, seed=self.seed)
+        common = dict(needs=needs, image_size=self.image_size, tokenizer=tokenizer)
         if stage in (None, "fit") and self.train_urls is not None:
             urls = self._urls("train")
-            resampled, epoch_length, repeat = self.resampled, self.epoch_length, False
-            if self.world_size > 1 and not resampled:
+            shards, epoch_length = ("resampled" if self.resampled else "pass"), self.epoch_length
+            if self.world_size > 1 and not self.resampled:
                 if epoch_length is None:
-                    if any(_is_remote(u) for u in urls):
+                    if any(is_remote(u) for u in urls):
                         raise ValueError("training on several ranks needs equal step counts: set "
                                          "data.epoch_length=<samples per epoch> (or data.resampled=true)")
                     epoch_length = count_samples(urls)
-                repeat = True
+                shards = "cycled"
                 log.info("world size %d: training shards are cycled and split across ranks, %d samples per epoch",
                          self.world_size, epoch_length)
+            order = TrainOrder(shards=shards, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                               epoch_length=epoch_length)
             self.train_dataset = build_pipeline(
-                urls, batch_size=self.batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
-                resampled=resampled, epoch_length=epoch_length, random_crop=self.random_crop,
-                stats=self.stats["train"], repeat=repeat, batch_transform=self.train_batch_transform, **common)
-            self._train_workers = self._workers_for(urls, resampled)
-            if resampled or repeat:
+                urls, batch_size=self.batch_size, order=order, random_crop=self.random_crop,
+                batch_transform=self.train_batch_transform, stats=self.stats["train"], **common)
+            self._train_workers = self._workers_for(urls, self.resampled)
+            if shards != "pass":
                 n = batches_per_worker(epoch_length, self.batch_size, self.world_size, self._train_workers)
                 self.train_dataset.with_length(n * max(1, self._train_workers), silent=True)
         if stage in (None, "fit", "validate") and self.val_urls is not None:
             urls = self._urls("val")
-            self.val_dataset = build_pipeline(urls, batch_size=self.val_batch_size, train=False,
-                                              stats=self.stats["val"], **common)
+            self.val_dataset = build_pipeline(urls, batch_size=self.val_batch_size, stats=self.stats["val"],
+                                              **common)
             self._val_workers = self._workers_for(urls, False)
 
     def _loader(self, dataset, workers: int) -> DataLoader:

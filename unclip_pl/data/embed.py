@@ -23,8 +23,11 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from .shards import IMAGE_EXTS, ShardError, encode_sample, expand_urls, iter_tar
+from .decode import IMAGE_EXTS
+from .tar_reader import ShardError, iter_tar
 from .transforms import DECODE_ERRORS, decode_image, images_to_tensor
+from .urls import expand_urls
+from .writer import encode_sample
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .datamodule import ShardDataModule
-from .shards import write_shards
 from .transforms import flatten_alpha
+from .writer import write_shards
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Iterator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .shards import ShardWriter
 from .transforms import DECODE_ERRORS
+from .writer import ShardWriter
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 PATH_COLUMNS = ("path", "image", "image_path", "file", "filepath", "filename")

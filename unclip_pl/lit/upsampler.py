@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from unclip_pl.callbacks.image_grid import log_image_grid, to_grid
-from unclip_pl.data.shards import AddKey
+from unclip_pl.data.pipeline import AddKey
 from unclip_pl.lit.base import StageModule
 from unclip_pl.lit.decoder import _GridMixin
 

@@ -1,0 +1,99 @@
+"""Decoding raw shard samples into training samples, and collating them into batches.
+
+Own stage instead of ``wds.decode(..., handler=...)``: a corrupt image is skipped, counted in :class:`LoaderStats`
+and reported in one line with shard and key, and a missing member raises :class:`MissingKeyError` with one line
+naming the key, the shard and the command that adds the member (webdataset's handlers skip or raise uncounted).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .stats import LoaderStats
+from .transforms import DECODE_ERRORS, decode_image, decode_npy, images_to_tensor
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+VALID_NEEDS = frozenset({"image", "txt", "tokens", "img_emb", "txt_emb"})
+_NEED_TO_MEMBER = {"txt": "txt", "img_emb": "img_emb.npy", "txt_emb": "txt_emb.npy"}
+MAKE_SHARDS_CMD = "python -m unclip_pl.data.make_shards SRC OUT_DIR"
+EMBED_CMD = "python -m unclip_pl.data.embed '{shards}' OUT_DIR --clip <clip config or model[:pretrained]>"
+
+
+class MissingKeyError(KeyError):
+    """A sample lacks a member the requested batch needs."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; print it plainly
+        return str(self.args[0]) if self.args else ""
+
+
+def _missing_key_message(need: str, member: str, sample: dict) -> str:
+    url = sample.get("__url__", "?")
+    have = sorted(k for k in sample if not k.startswith("__"))
+    if need in ("img_emb", "txt_emb"):
+        fix = "add CLIP embeddings with: " + EMBED_CMD.format(shards=url)
+    else:
+        fix = f"shards need an image (png/jpg/webp) and a 'txt' caption per sample; write them with: {MAKE_SHARDS_CMD}"
+    return (f"sample {sample.get('__key__')!r} in shard {url} has no {member!r} member (needed for {need!r}; "
+            f"it has {have}); {fix}")
+
+
+class DecodeSamples:
+    """Pipeline stage: raw tar samples -> ``{"key", "txt", "image"?, "img_emb"?, "txt_emb"?}``.
+
+    Corrupt images are skipped with one warning line (shard + key) and counted in ``stats``.
+    Missing members raise :class:`MissingKeyError`.
+    """
+
+    def __init__(self, needs: Iterable[str], image_size: int, random_crop: bool, stats: LoaderStats):
+        self.needs = frozenset(needs)
+        self.image_size, self.random_crop, self.stats = image_size, random_crop, stats
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        skipped = 0
+        want_image = "image" in self.needs
+        for raw in src:
+            out = {"key": raw["__key__"]}
+            if "txt" not in raw:
+                raise MissingKeyError(_missing_key_message("txt", "txt", raw))
+            out["txt"] = raw["txt"].decode("utf-8").strip()
+            for need in ("img_emb", "txt_emb"):
+                if need in self.needs:
+                    member = _NEED_TO_MEMBER[need]
+                    if member not in raw:
+                        raise MissingKeyError(_missing_key_message(need, member, raw))
+                    out[need] = decode_npy(raw[member])
+            if want_image:
+                ext = next((e for e in IMAGE_EXTS if e in raw), None)
+                if ext is None:
+                    raise MissingKeyError(_missing_key_message("image", "png|jpg|webp", raw))
+                try:
+                    out["image"] = decode_image(raw[ext], self.image_size, self.random_crop)
+                except DECODE_ERRORS as e:
+                    skipped += 1
+                    self.stats.add("skipped_corrupt")
+                    log.warning("skipping corrupt image: shard=%s key=%s (%s: %s)", raw.get("__url__"),
+                                raw["__key__"], type(e).__name__, e)
+                    continue
+            yield out
+        if skipped:
+            log.warning("end of pass: skipped %d corrupt image(s) in this worker (%d in total so far)", skipped,
+                        self.stats.skipped_corrupt)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Samples -> batch: ``key``/``txt`` lists, ``image`` float32 (B,3,H,W) in [-1,1], embeddings float32 (B,D)."""
+    batch = {"key": [s["key"] for s in samples], "txt": [s["txt"] for s in samples]}
+    if "image" in samples[0]:
+        batch["image"] = images_to_tensor([s["image"] for s in samples])
+    for k in ("img_emb", "txt_emb"):
+        if k in samples[0]:
+            batch[k] = torch.from_numpy(np.stack([s[k] for s in samples]).astype(np.float32, copy=False))
+    return batch
+
+
+__all__ = ["IMAGE_EXTS", "VALID_NEEDS", "MissingKeyError", "DecodeSamples", "collate"]

@@ -1,0 +1,254 @@
+"""The batched reading pipeline over shards (:func:`build_pipeline`) and its ordering and batch stages.
+
+A ``webdataset.DataPipeline``::
+
+    shard list (once per pass | cycled | resampled) -> [shard shuffle, same on every rank] -> split_by_node
+    -> split_by_worker -> tar samples -> [sample shuffle buffer] -> decode (+ key checks) -> batch
+    -> [tokenise] -> [batch transform] -> count -> [epoch cap]
+
+Batches are dicts: ``key`` list[str] (B), ``txt`` list[str] (B) and, as requested, ``image`` float32 (B, 3, H, W)
+in [-1, 1], ``tokens`` int64 (B, L), ``img_emb`` / ``txt_emb`` float32 (B, D).
+
+Bad input: a corrupt image is skipped, counted and reported in one line; a sample without a needed member raises
+:class:`~unclip_pl.data.decode.MissingKeyError`; a truncated or unreadable tar raises
+:class:`~unclip_pl.data.tar_reader.ShardError`; a URL pattern matching nothing raises ``FileNotFoundError``.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import torch
+import webdataset as wds
+
+from .decode import VALID_NEEDS, DecodeSamples, collate
+from .stats import LoaderStats
+from .tar_reader import tar_samples
+from .urls import expand_urls
+
+SHARD_ORDERS = ("pass", "cycled", "resampled")
+
+
+@dataclass(frozen=True)
+class TrainOrder:
+    """How a training pipeline walks its data (evaluation pipelines take none: file order, one pass).
+
+    Args:
+        shards: ``"pass"``: one pass over the shard list per epoch, shuffled anew each pass (the same order on every
+            rank), split by rank and worker. ``"cycled"``: the shard list cycled forever (the same per-pass shuffle),
+            split by rank and worker, ``epoch_length`` samples per epoch: ranks read disjoint shards within a pass
+            and take equal step counts (the multi-rank mode without resampling). ``"resampled"``: shards drawn with
+            replacement forever by every rank and worker, ``epoch_length`` samples per epoch.
+        shuffle_buffer: samples in the shuffle buffer (0 or 1: no sample shuffle).
+        seed: seed of the shard order (and of the resampling).
+        epoch_length: samples per epoch over all ranks and workers; required for ``"cycled"`` and ``"resampled"``,
+            optional cap for ``"pass"``.
+    """
+
+    shards: Literal["pass", "cycled", "resampled"] = "pass"
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    epoch_length: int | None = None
+
+    def __post_init__(self):
+        if self.shards not in SHARD_ORDERS:
+            raise ValueError(f"TrainOrder.shards={self.shards!r} is not one of {SHARD_ORDERS}")
+        if self.shards != "pass" and not self.epoch_length:
+            raise ValueError(f"TrainOrder.shards={self.shards!r} reads shards forever: set epoch_length "
+                             f"(samples per epoch)")
+
+
+class ShuffleBuffer:
+    """Pipeline stage: shuffle samples through a buffer of ``bufsize``.
+
+    Own instead of ``wds.shuffle``: the buffer is drained at the end of the stream and whenever the ``__pass__``
+    tag changes, so samples of one pass over the shard list never mix with the next (epochs stay a clean partition
+    across ranks). Uses the ``random`` module, which PyTorch seeds differently in every DataLoader worker.
+    """
+
+    def __init__(self, bufsize: int, rng: random.Random | None = None):
+        self.bufsize, self.rng = int(bufsize), rng
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        rng = self.rng or random
+        buf: list[dict] = []
+        current = None
+        for sample in src:
+            tag = sample.get("__pass__")
+            if tag != current and buf:
+                rng.shuffle(buf)
+                yield from buf
+                buf = []
+            current = tag
+            buf.append(sample)
+            if len(buf) >= self.bufsize:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+
+class RepeatedShardList(torch.utils.data.IterableDataset):
+    """Shard list cycled forever: pass ``k`` is a permutation seeded by ``(seed, k)``, identical on every rank.
+
+    Own instead of ``wds.ResampledShards`` (which draws with replacement, differently per rank): followed by
+    ``split_by_node``/``split_by_worker`` and an :class:`EpochCap`, ranks read disjoint shards within a pass and all
+    take the same number of steps. Each iteration (epoch) starts a new pass.
+    """
+
+    def __init__(self, urls: Sequence[str], seed: int = 0, shuffle: bool = True):
+        super().__init__()
+        self.urls, self.seed, self.shuffle, self.epoch = list(urls), int(seed), shuffle, -1
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch += 1
+        k = self.epoch
+        while True:
+            order = list(self.urls)
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + k).shuffle(order)
+            for u in order:
+                yield {"url": u, "pass": k}
+            k += 1
+
+
+def batches_per_worker(epoch_length: int, batch_size: int, world_size: int, num_workers: int) -> int:
+    """Batches each (rank, worker) yields so that all of them together give about ``epoch_length`` samples."""
+    return max(1, math.ceil(epoch_length / (batch_size * max(1, world_size) * max(1, num_workers))))
+
+
+class EpochCap:
+    """Pipeline stage: stop after ``epoch_length`` samples in total over all ranks and workers (batch granularity).
+
+    Own instead of ``with_epoch`` (a fixed per-worker count that restarts a pipeline ending early): world size and
+    worker count are read at iteration time, inside the worker, and a finite pass ends where it ends.
+    """
+
+    def __init__(self, epoch_length: int, batch_size: int):
+        self.epoch_length, self.batch_size = int(epoch_length), int(batch_size)
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        _rank, world, _worker, workers = wds.utils.pytorch_worker_info()
+        n = batches_per_worker(self.epoch_length, self.batch_size, world, workers)
+        for i, batch in enumerate(src):
+            if i >= n:
+                break
+            yield batch
+
+
+class MapBatches:
+    """Pipeline stage applying ``fn`` to every item (own: ``wds.map`` adds a ``__key__`` entry to dict batches)."""
+
+    def __init__(self, fn: Callable[[dict], dict]):
+        self.fn = fn
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for item in src:
+            yield self.fn(item)
+
+
+class Tokenize:
+    """Batch function: adds ``tokens`` int64 (B, L) from ``txt`` with the given tokenizer."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: dict) -> dict:
+        tokens = self.tokenizer(batch["txt"])
+        batch["tokens"] = torch.as_tensor(tokens, dtype=torch.long)
+        return batch
+
+
+class AddKey:
+    """Batch function: ``batch[dst] = fn(batch[src])``, in the loader workers (``fn`` must pickle).
+    E.g. the upsampler's low-res corruption: ``AddKey("image", "low_res", upsampler.low_res_maker)``."""
+
+    def __init__(self, src: str, dst: str, fn: Callable[[Any], Any]):
+        self.src, self.dst, self.fn = src, dst, fn
+
+    def __call__(self, batch: dict) -> dict:
+        batch[self.dst] = self.fn(batch[self.src])
+        return batch
+
+
+class CountSamples:
+    """Batch function: counts the delivered samples into ``stats.samples``."""
+
+    def __init__(self, stats: LoaderStats):
+        self.stats = stats
+
+    def __call__(self, batch: dict) -> dict:
+        self.stats.add("samples", len(batch["key"]))
+        return batch
+
+
+def _shard_stages(url_list: list[str], order: TrainOrder | None) -> list:
+    if order is None:
+        return [wds.SimpleShardList(url_list), wds.split_by_node, wds.split_by_worker]
+    if order.shards == "resampled":
+        return [wds.ResampledShards(url_list, seed=order.seed)]
+    if order.shards == "cycled":
+        return [RepeatedShardList(url_list, seed=order.seed), wds.split_by_node, wds.split_by_worker]
+    stages: list = [wds.SimpleShardList(url_list)]
+    if len(url_list) > 1:
+        stages.append(wds.detshuffle(bufsize=len(url_list), initial=len(url_list), seed=order.seed))
+    return stages + [wds.split_by_node, wds.split_by_worker]
+
+
+def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "txt"), image_size: int = 64,
+                   batch_size: int = 32, order: TrainOrder | None = None, random_crop: bool = False,
+                   tokenizer: Callable | None = None, batch_transform: Callable[[dict], dict] | None = None,
+                   stats: LoaderStats | None = None) -> wds.DataPipeline:
+    """Build the batched reading pipeline (an ``IterableDataset`` of batches; use ``batch_size=None`` in loaders).
+
+    Args:
+        urls: shard spec (see :func:`~unclip_pl.data.urls.expand_urls`).
+        needs: subset of {"image", "txt", "tokens", "img_emb", "txt_emb"}; images are decoded only if "image".
+        image_size: output side; images are resized (shorter side) then centre (or random) cropped.
+        batch_size: samples per batch (the last batch of a finite pass may be smaller).
+        order: training order (shard and sample shuffles, cycling or resampling, epoch length), see
+            :class:`TrainOrder`; None (evaluation): every shard once in file order, split by rank and worker.
+        random_crop: random instead of centre crops (a training augmentation: pass it for training only).
+        tokenizer: callable ``list[str] -> LongTensor (B, L)``; required when "tokens" is needed.
+        batch_transform: picklable ``dict -> dict`` applied to every batch in the workers (e.g. :class:`AddKey`).
+        stats: :class:`LoaderStats` to count into (a new one if None; available as ``pipeline.stats``).
+    Returns:
+        ``wds.DataPipeline`` yielding dicts ``key`` (list[str]), ``txt`` (list[str]), and as needed ``image``
+        float32 (B, 3, H, W) in [-1, 1], ``tokens`` int64 (B, L), ``img_emb``/``txt_emb`` float32 (B, D);
+        ``pipeline.urls`` is the expanded shard list.
+    """
+    needs = set(needs)
+    unknown = needs - VALID_NEEDS
+    if unknown:
+        raise ValueError(f"unknown needs {sorted(unknown)}; valid: {sorted(VALID_NEEDS)}")
+    if "tokens" in needs and tokenizer is None:
+        raise ValueError("needs contains 'tokens' but no tokenizer was given (pass e.g. clip.tokenize)")
+    if order is not None and not isinstance(order, TrainOrder):
+        raise TypeError(f"order must be a TrainOrder or None, got {type(order).__name__}")
+    url_list = expand_urls(urls)
+    stats = stats if stats is not None else LoaderStats()
+
+    stages = _shard_stages(url_list, order)
+    stages.append(tar_samples)
+    if order is not None and order.shuffle_buffer > 1:
+        stages.append(ShuffleBuffer(order.shuffle_buffer))
+    stages.append(DecodeSamples(needs, image_size, random_crop, stats))
+    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+    if "tokens" in needs:
+        stages.append(MapBatches(Tokenize(tokenizer)))
+    if batch_transform is not None:
+        stages.append(MapBatches(batch_transform))
+    stages.append(MapBatches(CountSamples(stats)))
+    if order is not None and order.epoch_length:
+        stages.append(EpochCap(order.epoch_length, batch_size))
+    pipeline = wds.DataPipeline(*stages)
+    pipeline.stats = stats
+    pipeline.urls = url_list
+    return pipeline
+
+
+__all__ = ["SHARD_ORDERS", "TrainOrder", "ShuffleBuffer", "RepeatedShardList", "batches_per_worker", "EpochCap",
+           "MapBatches", "Tokenize", "AddKey", "CountSamples", "build_pipeline"]
