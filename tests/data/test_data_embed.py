@@ -80,8 +80,7 @@ def test_resume_skips_finished_and_failure_leaves_no_partial(two_shards, tmp_pat
 def test_datamodule_embeds_once_into_cache(tmp_path, fake_clip):
     urls = write_shards(make_samples(10), tmp_path / "src", maxcount=5)
     dm = ShardDataModule(urls, urls[:1], batch_size=4, num_workers=0, needs=("tokens", "img_emb", "txt_emb"),
-                         embed_cache_dir=str(tmp_path / "cache"))
-    dm.clip = fake_clip
+                         embed_cache_dir=str(tmp_path / "cache"), clip=fake_clip)
     dm.prepare_data()
     calls = fake_clip.image_calls
     dm.setup("fit")

@@ -39,19 +39,29 @@ def _env_world_size() -> int:
 
 
 DEFAULT_BATCH_SIZE = 64  # per device, when neither data.batch_size nor the stage recommends one
+DEFAULT_IMAGE_SIZE = 64  # when image_size is None
+
 
 class ShardDataModule(pl.LightningDataModule):
-    """Train/val batches from webdataset shards (format: ``/work/contract.md``, "Batch format").
+    """Train/val batches from webdataset shards.
+
+    Batches are dicts: ``key`` list[str] (B), ``txt`` list[str] (B) and, as ``needs`` asks, ``image`` float32
+    (B, 3, image_size, image_size) in [-1, 1], ``tokens`` int64 (B, L), ``img_emb`` / ``txt_emb`` float32 (B, D),
+    plus whatever ``train_batch_transform`` adds to training batches.
 
     Args:
         train_urls / val_urls: shard specs (brace patterns, globs, lists, directories, ``pipe:``/fsspec URLs).
         batch_size / val_batch_size: samples per batch (``None``: 64; val defaults to ``batch_size``).
         num_workers: DataLoader workers (capped at the number of shards each rank reads).
-        image_size: output image side (shorter-side resize + crop).
-        needs: batch keys to deliver, subset of {"image", "txt", "tokens", "img_emb", "txt_emb"}; settable
-            after construction (the training entry sets it from the stage config).
-        tokenizer: ``list[str] -> LongTensor (B, L)``; settable after construction. If None and ``clip`` is set,
-            ``clip.tokenize`` is used.
+        image_size: output image side (shorter-side resize + crop); ``None``: 64.
+        needs: batch keys to deliver, subset of {"image", "txt", "tokens", "img_emb", "txt_emb"} (the training
+            entry passes the stage's).
+        tokenizer: ``list[str] -> LongTensor (B, L)`` for ``tokens``. If None and ``clip`` is given,
+            ``clip.loader_tokenizer`` (else ``clip.tokenize``) is used.
+        clip: a FrozenCLIP (or None): tokenizes captions when no ``tokenizer`` is given, and embeds the shards
+            into ``embed_cache_dir`` when ``needs`` has img_emb/txt_emb.
+        train_batch_transform: picklable ``dict -> dict`` run on every training batch in the loader workers (e.g.
+            the upsampler's low-res corruption, :class:`~unclip_pl.data.pipeline.AddKey`); None: batches as read.
         shuffle_buffer: sample shuffle buffer (train only).
         resampled / epoch_length: draw training shards with replacement, ``epoch_length`` samples per epoch over
             all ranks. With more than one rank and ``resampled=False`` the training shard list is cycled (a new
@@ -59,26 +69,30 @@ class ShardDataModule(pl.LightningDataModule):
             (default: the number of training samples, counted from the tar headers) capping each epoch, so
             ranks read disjoint shards and all run the same number of steps.
         random_crop: random (train) instead of centre crops.
-        embed_cache_dir: if set, and ``needs`` has img_emb/txt_emb, and a FrozenCLIP is assigned to ``dm.clip``,
-            shards are embedded once into ``embed_cache_dir/<clip.fingerprint>/{train,val}`` and read from there.
+        embed_cache_dir: if set, and ``needs`` has img_emb/txt_emb, and ``clip`` is given, shards are embedded
+            once into ``embed_cache_dir/<clip.fingerprint>/{train,val}`` and read from there.
     Attributes:
         stats: ``{"train": LoaderStats, "val": LoaderStats}`` (samples delivered, corrupt images skipped).
     """
 
     def __init__(self, train_urls: str | Sequence[str] | None = None, val_urls: str | Sequence[str] | None = None,
                  batch_size: int | None = None, val_batch_size: int | None = None, num_workers: int = 2,
-                 image_size: int = 64, needs: Iterable[str] = ("image", "txt"), tokenizer: Callable | None = None,
-                 shuffle_buffer: int = 1000, resampled: bool = False, epoch_length: int | None = None,
-                 random_crop: bool = False, pin_memory: bool | None = None, persistent_workers: bool = True,
-                 seed: int = 0, embed_cache_dir: str | None = None, embed_batch_size: int = 256):
+                 image_size: int | None = None, needs: Iterable[str] = ("image", "txt"),
+                 tokenizer: Callable | None = None, clip=None,
+                 train_batch_transform: Callable[[dict], dict] | None = None, shuffle_buffer: int = 1000,
+                 resampled: bool = False, epoch_length: int | None = None, random_crop: bool = False,
+                 pin_memory: bool | None = None, persistent_workers: bool = True, seed: int = 0,
+                 embed_cache_dir: str | None = None, embed_batch_size: int = 256):
         super().__init__()
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
         self.val_batch_size = int(val_batch_size or self.batch_size)
         self.num_workers = int(num_workers)
-        self.image_size = int(image_size)
+        self.image_size = int(DEFAULT_IMAGE_SIZE if image_size is None else image_size)
         self.needs = tuple(needs)
         self.tokenizer = tokenizer
+        self.clip = clip
+        self.train_batch_transform = train_batch_transform
         self.shuffle_buffer = int(shuffle_buffer)
         self.resampled, self.epoch_length = bool(resampled), epoch_length
         self.random_crop = bool(random_crop)
@@ -87,10 +101,6 @@ class ShardDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.embed_cache_dir = embed_cache_dir
         self.embed_batch_size = int(embed_batch_size)
-        self.clip = None  # a FrozenCLIP assigned by the training entry (used for tokens and cached embeddings)
-        # picklable dict -> dict run on every training batch in the workers, set by the training entry from the
-        # module's ``loader_batch_transform`` (e.g. the upsampler's low-res corruption)
-        self.train_batch_transform: Callable[[dict], dict] | None = None
         self.stats = {"train": LoaderStats(), "val": LoaderStats()}
         self.train_dataset = self.val_dataset = None
         self._train_workers = self._val_workers = 0

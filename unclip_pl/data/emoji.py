@@ -248,8 +248,10 @@ class EmojiDataModule(ShardDataModule):
         root: where the shards live (default ``data/emoji``, git-ignored).
         limit: keep only the first ``limit`` matched emoji (tests).
         val_fraction: share of emoji families in val (deterministic hash split by family, see :func:`family_key`).
-        embed_cache_dir: defaults to ``root/embedded`` (used when ``dm.clip`` is set and embeddings are needed).
-        **kwargs: passed to :class:`ShardDataModule` (batch_size, num_workers, image_size, needs, ...).
+        force: prepare the shards again even if ``root`` holds a matching preparation.
+        embed_cache_dir: defaults to ``root/embedded`` (used when ``clip`` is given and embeddings are needed).
+        **kwargs: passed to :class:`ShardDataModule` (batch_size, num_workers, image_size, needs, tokenizer,
+            clip, train_batch_transform, ...).
     """
 
     def __init__(self, root: str = "data/emoji", limit: int | None = None, val_fraction: float = 0.07,
