@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # The whole default cascade on the built-in emoji data, one stage after another, each with a wall-clock budget,
 # then evaluation and the sample grids of experiments/emoji_cascade/README.md.
-#   bash experiments/emoji_cascade/run.sh            # budgets in minutes below; total about 90 on 2 CPU cores
-# Budgets can be changed from the environment: PRIOR_MIN=8 DECODER_MIN=55 UPSAMPLER_MIN=10 bash ...
+#   bash experiments/emoji_cascade/run.sh            # total about 90 minutes on 2 CPU cores
+# Each train.py run selects its stage's experiment, conf/experiment/emoji_cascade/<stage>.yaml, which holds its
+# run_name and, for the prior, decoder and upsampler, its wall-clock budget (trainer.max_time): change them there.
 # The two CLIPs train for their recommended 15 epochs (about 4-5 minutes each), not for a time budget, so that
 # neither is a smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PRIOR_MIN=${PRIOR_MIN:-8}
-DECODER_MIN=${DECODER_MIN:-30}
-UPSAMPLER_MIN=${UPSAMPLER_MIN:-6}
 TRAIN_EVAL=${TRAIN_EVAL:-96}   # train-split images evaluated (a seeded random subset); val is evaluated whole
 RUNS=logs/emoji_cascade/runs
 OUT=${OUT:-logs/emoji_cascade/results}
@@ -18,31 +16,28 @@ mkdir -p "$OUT"
 # (AVX2-only CPUs) bf16 is converted in software and gains nothing, so float32.
 if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=${PRECISION:-bf16-mixed}; else
   PRECISION=${PRECISION:-32-true}; fi
-budget() { printf "00:00:%02d:00" "$1"; }
 stamp() { date +%s; }
 t0=$(stamp)
 
 # 1. The conditioning CLIP, exported to the shared cache every later stage loads it from (skipped when the cache
 #    holds one; a cached CLIP trained on other data is set aside and trained again by the prior stage).
 if [ ! -f data/cache/clip/unclip-tiny.pt ]; then
-  python train.py experiment=emoji_cascade stage=clip run_name=clip clip.export_to=data/cache/clip/unclip-tiny.pt
+  python train.py experiment=emoji_cascade/clip
 fi
 t1=$(stamp)
 # 1b. The judge: a second CLIP (another width and seed) that scores the generated images in eval.py beside the
 #     conditioning CLIP, which the decoder learns to invert.
 JUDGE=$RUNS/judge/clip.pt
 if [ ! -f "$JUDGE" ]; then
-  python train.py experiment=emoji_cascade stage=clip clip=judge seed=1 run_name=judge
+  python train.py experiment=emoji_cascade/judge
 fi
 tj=$(stamp)
 # 2-4. Prior, decoder, upsampler (the convolutional stages at $PRECISION).
-python train.py experiment=emoji_cascade prior=diffusion run_name=prior trainer.max_time="$(budget "$PRIOR_MIN")"
+python train.py experiment=emoji_cascade/prior
 t2=$(stamp)
-python train.py experiment=emoji_cascade decoder=base run_name=decoder trainer.precision="$PRECISION" \
-  trainer.max_time="$(budget "$DECODER_MIN")"
+python train.py experiment=emoji_cascade/decoder trainer.precision="$PRECISION"
 t3=$(stamp)
-python train.py experiment=emoji_cascade upsampler=emoji run_name=upsampler trainer.precision="$PRECISION" \
-  trainer.max_time="$(budget "$UPSAMPLER_MIN")"
+python train.py experiment=emoji_cascade/upsampler trainer.precision="$PRECISION"
 t4=$(stamp)
 
 P=$RUNS/prior/checkpoints/last.ckpt
