@@ -10,7 +10,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from unclip_pl.train import ConfigError, run  # noqa: E402
 from unclip_pl.utils.cli import exit_on_unknown_override  # noqa: E402
-from unclip_pl.utils.task import job_wrapper  # noqa: E402
+from unclip_pl.utils.task import job_wrapper, metric_value  # noqa: E402
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         sys.exit(2)
-    return metrics.get(cfg.get("optimized_metric", "train/loss"))
+    return metric_value(metrics, cfg.optimized_metric)
 
 
 if __name__ == "__main__":

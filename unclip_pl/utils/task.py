@@ -4,6 +4,7 @@ In a multirun (``python train.py -m ...``) one failing job must not stop the oth
 the job's exception (or ``sys.exit`` from a config error), logs it with its traceback into the job's own log,
 writes ``<run dir>/job_status.json`` and returns NaN as the job's metric (sweepers such as optuna record that
 trial as failed). In a single run the exception propagates unchanged (non-zero exit code).
+:func:`metric_value` picks the job's return value, ``optimized_metric`` (``conf/train.yaml``), from the fit's metrics.
 :class:`SweepSummary` (a Hydra callback, ``conf/hydra/default.yaml``) prints one line per failed job when the
 sweep ends and writes ``<sweep dir>/summary.json``.
 """
@@ -17,7 +18,7 @@ import math
 import os
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -61,6 +62,17 @@ def write_status(out_dir: Path | None, status: str, metric: float | None = None,
     tmp = out_dir / f"{STATUS_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, out_dir / STATUS_FILE)
+
+
+def metric_value(metrics: Mapping[str, float], name: str | None) -> float | None:
+    """The value of the logged metric ``name`` (``optimized_metric``) in ``metrics`` ({name: float}, the fit's
+    final metrics); None when ``name`` is None. A name that was not logged is a ``ValueError`` naming those that
+    were (a sweeper would otherwise record a trial without a value)."""
+    if name is None:
+        return None
+    if name not in metrics:
+        raise ValueError(f"optimized_metric={name} was not logged by this run; logged: {', '.join(sorted(metrics))}")
+    return float(metrics[name])
 
 
 def job_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
