@@ -410,7 +410,7 @@ def results_table(results: dict[str, Any]) -> str:
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from sample import SampleError
-    from unclip_pl.checkpoint_io import CheckpointError
+    from unclip_pl.checkpoint import CheckpointError
 
     try:
         evaluate(cfg)

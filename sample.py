@@ -235,7 +235,7 @@ def run(cfg: DictConfig, pipe=None) -> dict[str, Any]:
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from unclip_pl.checkpoint_io import CheckpointError
+    from unclip_pl.checkpoint import CheckpointError
 
     try:
         run(cfg)

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip_pl.data.datamodule import DEFAULT_BATCH_SIZE
-from unclip_pl.utils.checkpoint import CheckpointError, check_fits, last_checkpoint, verify_checkpoint
+from unclip_pl.checkpoint import STAGES, CheckpointError, check_fits, last_checkpoint, verify_checkpoint
 from unclip_pl.utils.config import ConfigError, build, build_accepting, check_config
 from unclip_pl.utils.gitinfo import git_commit
 from unclip_pl.utils.runid import persistent_run_id
@@ -35,7 +35,7 @@ __all__ = ["ConfigError", "check_config", "fit", "run", "selected_stage"]
 log = logging.getLogger(__name__)
 
 #: Stages chosen by selecting their config group (`prior=diffusion`), in cascade order.
-GROUP_STAGES = ("prior", "decoder", "upsampler")
+GROUP_STAGES = STAGES
 
 
 # ---------------------------------------------------------------------------------------------------- selection
@@ -114,7 +114,7 @@ def train_clip(cfg: DictConfig) -> Path:
     Returns the file the stage loads: the cache, or the run's own ``clip.pt`` after a shorter run (``debug=fast``),
     which serves this run alone and leaves the cache empty."""
     from unclip_pl.clip.small import describe_training, read_training_record
-    from unclip_pl.utils.checkpoint import atomic_save
+    from unclip_pl.checkpoint import atomic_save
 
     cache = Path(cfg.clip.loader.checkpoint)
     clip_cfg = clip_run_config(cfg)

@@ -7,9 +7,8 @@ import torch
 from ops_helpers import compose_ops
 from tiny_stage import TinyModel, TinyStage
 
+from unclip_pl.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, mismatch_message, verify_checkpoint
 from unclip_pl.train import ConfigError, fit, resolve_ckpt_path
-from unclip_pl.utils.checkpoint import (AtomicCheckpointIO, CheckpointError, check_fits, state_dict_mismatches,
-                                        verify_checkpoint)
 
 
 def _ckpt(module: torch.nn.Module) -> dict:
@@ -38,10 +37,10 @@ def test_truncated_and_empty_checkpoints_name_the_file(tmp_path):
     assert verify_checkpoint(path)["global_step"] == 3
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"step0000003\.ckpt is corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"step0000003\.ckpt: .*truncated or corrupt.*Delete it or pass"):
         verify_checkpoint(path)
     path.write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"step0000003\.ckpt is empty"):
+    with pytest.raises(CheckpointError, match=r"step0000003\.ckpt: empty file"):
         verify_checkpoint(path)
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="step0000003.ckpt"):
@@ -50,9 +49,10 @@ def test_truncated_and_empty_checkpoints_name_the_file(tmp_path):
 
 def test_other_shape_lists_mismatched_keys(tmp_path):
     small, big = TinyStage(TinyModel(hidden=16)), TinyStage(TinyModel(hidden=32))
-    mm = state_dict_mismatches(big, small.state_dict())
-    assert "model.net.0.weight: checkpoint (16, 12) vs model (32, 12)" in mm["shape"]
-    assert not mm["missing"] and not mm["unexpected"]
+    mm = mismatch_message(big, small.state_dict(), "x.ckpt", "prior.module")
+    assert "shape mismatch: model.net.0.weight: model (32, 12), checkpoint (16, 12)" in mm
+    assert "missing" not in mm and "unexpected" not in mm
+    assert mismatch_message(big, big.state_dict(), "x.ckpt", "prior.module") is None
     with pytest.raises(CheckpointError) as e:
         check_fits(big, _ckpt(small), tmp_path / "x.ckpt", "prior.module")
     msg = str(e.value)
@@ -75,5 +75,5 @@ def test_run_refuses_corrupt_and_mismatched_checkpoints(tmp_path):
     data = last.read_bytes()
     last.write_bytes(data[:1000])
     cfg3 = compose_ops(["trainer.max_steps=4"], tmp_path / "a")
-    with pytest.raises(ConfigError, match=r"last\.ckpt is corrupt or truncated"):
+    with pytest.raises(ConfigError, match=r"last\.ckpt: .*truncated or corrupt"):
         resolve_ckpt_path(cfg3)

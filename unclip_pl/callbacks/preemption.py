@@ -5,7 +5,7 @@ SLURM sends a warning signal before the time limit (``#SBATCH --signal=USR1@120`
 
 * the handler only sets a flag (nothing heavy inside a signal handler);
 * at the next optimiser-step boundary all ranks agree (one all-reduce of the flag) and save
-  ``<checkpoint dir>/last.ckpt`` (atomic with :class:`unclip_pl.utils.checkpoint.AtomicCheckpointIO`);
+  ``<checkpoint dir>/last.ckpt`` (atomic with :class:`unclip_pl.checkpoint.AtomicCheckpointIO`);
 * for a ``requeue_signals`` signal under SLURM, global rank 0 runs ``scontrol requeue <job>``; a handler that was
   installed before training started by anything other than Lightning (submitit's requeue handler, say) is
   called after the save, so submitit requeues with its own bookkeeping;

@@ -6,9 +6,10 @@ the text tower is run here module by module so per-token states come out too. Ca
 in the batch, on the CPU when tokenising (exact: the causal mask means no real token attends to padding, and the pooled
 token is the end token); the training step itself never reads lengths back from the GPU.
 
-``load_clip`` builds one from (a) an open_clip name + pretrained tag (real open_clip download / cache, failing at once
-when offline and not cached), or (b) a local checkpoint file (an open_clip state dict, or a file written by
-``unclip_pl.clip.small.export_clip``).
+``load_clip`` builds one from (a) an open_clip name + pretrained tag (open_clip's own download / cache, failing at
+once in one line when offline and not cached), or (b) a local checkpoint file (an open_clip state dict, or a file
+written by ``unclip_pl.clip.small.export_clip``), checked key by key with :func:`unclip_pl.checkpoint.load_strict`.
+The text-tower helpers (tokenising, trimming, per-token states) live in :mod:`unclip_pl.clip.text`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip_pl.clip.small import SMALL_CLIP_CONFIGS, build_from_config, describe_training, register_small_clips
+from unclip_pl.clip.text import (TRIM_MULTIPLE, TrimmingTokenizer, UnsupportedTextTower, can_trim,  # noqa: F401
+                                 device_of, encode_text_tokens, loader_tokenizer, text_tower, trim_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -67,97 +70,6 @@ def preprocess_images(images: torch.Tensor, image_size: int | Sequence[int], mea
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean_t) / std_t
-
-
-def text_tower(model: nn.Module) -> nn.Module:
-    """The module holding token_embedding/positional_embedding/transformer/ln_final/text_projection/attn_mask:
-    the CLIP itself (open_clip ``CLIP``) or its ``.text`` (``CustomTextCLIP`` with an open_clip TextTransformer)."""
-    tower = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
-    if tower is None or not hasattr(tower, "token_embedding") or not hasattr(tower, "transformer"):
-        raise CLIPLoadError(f"{type(model).__name__}: only open_clip text transformers are supported "
-                            "(not Hugging Face text towers)")
-    return tower
-
-
-def can_trim(model: nn.Module) -> bool:
-    """True when trimming padding is exact: causal mask and end-token (argmax) pooling, no class token."""
-    tower = text_tower(model)
-    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-    causal = getattr(tower, "attn_mask", None) is not None
-    return causal and pool == "argmax" and getattr(tower, "cls_emb", None) is None
-
-
-TRIM_MULTIPLE = 8  # trimmed caption lengths are rounded up to this: few distinct shapes (torch.compile), aligned
-
-
-def trim_tokens(tokens: torch.Tensor, multiple: int = TRIM_MULTIPLE) -> torch.Tensor:
-    """(B, L) token ids -> (B, L') with the padding after the longest caption cut, L' = its length (start .. end
-    token) rounded up to ``multiple`` and capped at L. Reads the lengths back to the host: call it on CPU tensors
-    (in the loader, when tokenising), never on device tensors inside a training step."""
-    if tokens.numel() == 0:
-        return tokens
-    need = int(tokens.argmax(dim=-1).max()) + 1
-    length = min(tokens.shape[1], -(-need // multiple) * multiple)
-    return tokens[:, :length]
-
-
-class TrimmingTokenizer:
-    """Picklable ``list[str] -> (B, L')`` tokenizer for loader workers: the wrapped tokenizer, then
-    :func:`trim_tokens` on the CPU. Use it only for text towers where :func:`can_trim` holds (see
-    :func:`loader_tokenizer`)."""
-
-    def __init__(self, tokenizer: Any, multiple: int = TRIM_MULTIPLE):
-        self.tokenizer = tokenizer
-        self.multiple = int(multiple)
-
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        return trim_tokens(torch.as_tensor(self.tokenizer(list(texts)), dtype=torch.long), self.multiple)
-
-
-def loader_tokenizer(tokenizer: Any, model: nn.Module, trim: bool = True) -> Any:
-    """The picklable tokenizer to give data loaders for ``model``'s text tower: ``tokenizer`` wrapped in a
-    :class:`TrimmingTokenizer` when ``trim`` and trimming is exact for the tower, else ``tokenizer`` itself."""
-    return TrimmingTokenizer(tokenizer) if trim and can_trim(model) else tokenizer
-
-
-def encode_text_tokens(model: nn.Module, tokens: torch.Tensor, trim: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run an open_clip text tower keeping per-token states.
-
-    tokens: (B, L) int64, open_clip SimpleTokenizer ids (start .. end token, 0-padded; id 0 is also a real BPE token,
-    so real tokens are found by position: up to the end token = argmax id). L may be shorter than the context length.
-    trim: when ``tokens`` is on the CPU and trimming is exact for this tower, cut the padding first
-    (:func:`trim_tokens`), then move them to the model's device.
-    Device tensors are used at the length given, with no host sync: trim them on the CPU beforehand (the loaders do,
-    with :class:`TrimmingTokenizer`).
-    Returns (pooled (B, D) NOT normalised, states (B, L', W) after ln_final, mask (B, L') bool).
-    """
-    tower = text_tower(model)
-    if trim and tokens.device.type == "cpu" and can_trim(model):
-        tokens = trim_tokens(tokens)
-    tokens = tokens.to(_device_of(model))
-    length = tokens.shape[1]
-    eot = tokens.argmax(dim=-1)  # (B,) end-token position
-    transformer = tower.transformer
-    cast_dtype = transformer.get_cast_dtype() if hasattr(transformer, "get_cast_dtype") else torch.float32
-    x = tower.token_embedding(tokens).to(cast_dtype)  # (B, L', W)
-    x = x + tower.positional_embedding[:length].to(cast_dtype)
-    attn_mask = getattr(tower, "attn_mask", None)
-    if attn_mask is not None:
-        attn_mask = attn_mask[:length, :length]
-    # open_clip >= 2.24: Transformer has `batch_first` and takes (B, L, W) (transposing itself when False);
-    # older versions have no attribute and expect (L, B, W).
-    if hasattr(transformer, "batch_first"):
-        x = transformer(x, attn_mask=attn_mask)
-    else:
-        x = transformer(x.permute(1, 0, 2), attn_mask=attn_mask).permute(1, 0, 2)
-    x = tower.ln_final(x)  # (B, L', W)
-    pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, W)
-    proj = tower.text_projection
-    if proj is not None:
-        pooled = proj(pooled) if isinstance(proj, nn.Module) else pooled @ proj
-    mask = torch.arange(length, device=tokens.device)[None, :] <= eot[:, None]
-    return pooled, x, mask
 
 
 def model_image_size(model: nn.Module) -> int:
@@ -201,7 +113,7 @@ class FrozenCLIP(nn.Module):
         with torch.no_grad():
             probe = torch.zeros(1, self.context_length, dtype=torch.long)
             probe[0, 0], probe[0, 1] = 1, 2
-            self.embed_dim = int(encode_text_tokens(model, probe.to(_device_of(model)))[0].shape[-1])
+            self.embed_dim = int(encode_text_tokens(model, probe.to(device_of(model)))[0].shape[-1])
         self._fingerprint: str | None = None
 
     # -- frozen ---------------------------------------------------------------------------------------------------
@@ -211,7 +123,7 @@ class FrozenCLIP(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return _device_of(self.model)
+        return device_of(self.model)
 
     @property
     def fingerprint(self) -> str:
@@ -258,12 +170,6 @@ class FrozenCLIP(nn.Module):
                 f"context_length={self.context_length}, image_size={self.image_size}")
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,15 +190,18 @@ def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | 
     """
     register_small_clips()
     cache_dir = str(cache_dir) if cache_dir is not None else None
-    if checkpoint is not None:
-        model, tokenizer, name = _load_from_checkpoint(model_name, Path(checkpoint))
-    elif pretrained:
-        model, tokenizer, name = _load_pretrained(model_name, pretrained, cache_dir)
-    else:
-        raise CLIPLoadError(
-            f"load_clip({model_name!r}): give either `pretrained` (an open_clip tag, e.g. "
-            f"clip.loader.pretrained=laion2b_s34b_b79k) or `checkpoint` (clip.loader.checkpoint=/path/to/weights)")
-    clip = FrozenCLIP(model.to(device), tokenizer=tokenizer, model_name=name)
+    try:
+        if checkpoint is not None:
+            model, tokenizer, name = _load_from_checkpoint(model_name, Path(checkpoint))
+        elif pretrained:
+            model, tokenizer, name = _load_pretrained(model_name, pretrained, cache_dir)
+        else:
+            raise CLIPLoadError(
+                f"load_clip({model_name!r}): give either `pretrained` (an open_clip tag, e.g. "
+                f"clip.loader.pretrained=laion2b_s34b_b79k) or `checkpoint` (clip.loader.checkpoint=/path/to/weights)")
+        clip = FrozenCLIP(model.to(device), tokenizer=tokenizer, model_name=name)
+    except UnsupportedTextTower as e:
+        raise CLIPLoadError(str(e)) from None
     check_expect(clip, **expect)
     return clip
 
@@ -323,14 +232,17 @@ def tokenizer_for(model: nn.Module, model_name: str) -> Any:
 
 
 def _load_from_checkpoint(model_name: str, path: Path) -> tuple[nn.Module, Any, str]:
+    """A local file: an ``export_clip`` file (its own config) or an open_clip state dict of ``model_name``."""
+    from unclip_pl.checkpoint import CheckpointError, load_strict, read_checkpoint
+
     if not path.is_file():
         raise CLIPLoadError(
             f"CLIP checkpoint not found: {path}. Pass an existing file with clip.loader.checkpoint=/path/to/weights, "
             f"or train the small CLIP first with `python train.py stage=clip`.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- corrupt / pickled-object files
-        raise CLIPLoadError(f"could not read CLIP checkpoint {path} with torch.load(weights_only=True): {e}") from e
+        obj = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CLIPLoadError(f"CLIP checkpoint {e}") from None
     if isinstance(obj, dict) and "model_cfg" in obj and "state_dict" in obj:  # export_clip file
         name = obj.get("model_name") or model_name
         if model_name and name != model_name:
@@ -339,7 +251,7 @@ def _load_from_checkpoint(model_name: str, path: Path) -> tuple[nn.Module, Any, 
         model = build_from_config(obj["model_cfg"], obj.get("preprocess_cfg"))
         state_dict = obj["state_dict"]
         _announce_training(path, obj.get("training"))
-    else:
+    else:  # open_clip's own conventions for a plain state dict: maybe under "state_dict", maybe "module."-prefixed
         name = model_name
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
@@ -347,7 +259,8 @@ def _load_from_checkpoint(model_name: str, path: Path) -> tuple[nn.Module, Any, 
             raise CLIPLoadError(f"{path} holds no state dict (got {type(obj).__name__})")
         state_dict = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
         model = _build_architecture(model_name)
-    _load_state_dict_strict(model, state_dict, path)
+    load_strict(model, state_dict, f"CLIP checkpoint {path}",
+                f"the {name} architecture (clip.loader.model_name)", error=CLIPLoadError)
     return model, tokenizer_for(model, name), name
 
 
@@ -362,7 +275,7 @@ def _announce_training(path: Path, record: dict[str, Any] | None) -> None:
 
 
 def _build_architecture(model_name: str) -> nn.Module:
-    if model_name in SMALL_CLIP_CONFIGS:
+    if model_name in SMALL_CLIP_CONFIGS:  # with its own preprocessing (open_clip would attach OpenAI's)
         return build_from_config(SMALL_CLIP_CONFIGS[model_name])
     if model_name not in open_clip.list_models():
         raise CLIPLoadError(f"unknown open_clip architecture {model_name!r}; e.g. ViT-B-32, ViT-B-16, "
@@ -370,28 +283,9 @@ def _build_architecture(model_name: str) -> nn.Module:
     return open_clip.create_model(model_name, pretrained=None, pretrained_text=False, pretrained_image=False)
 
 
-def _load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or shapes:
-        def fmt(items: list[str]) -> str:
-            return ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-
-        parts = [f"CLIP checkpoint {path} does not match the architecture"]
-        if missing:
-            parts.append(f"missing keys: {fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {fmt(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {fmt(shapes)}")
-        raise CLIPLoadError("; ".join(parts) + ". Check clip.loader.model_name matches the file.")
-    model.load_state_dict(state_dict, strict=True)
-
-
 # -- pretrained (open_clip tag) ---------------------------------------------------------------------------------------
+# open_clip finds, downloads and loads a tag's weights itself; kept here only the fast offline failure: with no
+# network, huggingface_hub and urllib retry and time out for a minute or more instead of failing in one line.
 def _offline_hint(model_name: str, pretrained: str) -> str:
     return (f"Cannot get pretrained CLIP weights {model_name}/{pretrained}: not in the local cache and no network "
             f"(HF_HUB_OFFLINE or no connection). Pass a local file instead: "
@@ -411,13 +305,12 @@ def _hf_offline() -> bool:
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Can we open a TCP connection to ``url``'s host within ``timeout`` s (DNS included, in a daemon thread)?"""
+    """Can we open a TCP connection to ``url``'s host within ``timeout`` s? (In a daemon thread: DNS itself can
+    hang far longer than any socket timeout.)"""
     import socket
 
     parts = urllib.parse.urlparse(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    if not host:
-        return False
     ok: list[bool] = []
 
     def probe() -> None:
@@ -427,38 +320,33 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
         except OSError:
             pass
 
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
+    if host:
+        t = threading.Thread(target=probe, daemon=True)
+        t.start()
+        t.join(timeout + 0.5)
     return bool(ok)
 
 
 def _cached_pretrained_file(pcfg: dict[str, Any], cache_dir: str | None) -> tuple[str | None, str]:
-    """(local path if cached else None, remote URL used for the reachability probe)."""
+    """(the local file open_clip would load for this tag, or None; the remote it would download from), asking
+    the caches open_clip's ``download_pretrained`` uses without touching the network."""
+    from open_clip import pretrained as ocp
+
     if pcfg.get("file"):
         return (pcfg["file"] if os.path.isfile(pcfg["file"]) else None), ""
-    hf_hub = pcfg.get("hf_hub", "")
-    if hf_hub:
-        try:
-            import huggingface_hub
-            from huggingface_hub import constants as hc
-        except ImportError:
-            hf_hub = ""
-    if hf_hub:
-        repo_id, filename = os.path.split(hf_hub)
-        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        if filename.endswith((".bin", ".pth")):
-            names.insert(0, filename[:-4] + ".safetensors")
-        for name in names:
+    if pcfg.get("hf_hub") and ocp.has_hf_hub():
+        import huggingface_hub
+
+        repo_id, filename = os.path.split(pcfg["hf_hub"])
+        filename = filename or ocp.HF_WEIGHTS_NAME
+        for name in [*ocp._get_safe_alternatives(filename), filename]:
             found = huggingface_hub.try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
             if isinstance(found, str) and os.path.isfile(found):
-                return found, hc.ENDPOINT
-        return None, hc.ENDPOINT
+                return found, huggingface_hub.constants.ENDPOINT
+        return None, huggingface_hub.constants.ENDPOINT
     url = pcfg.get("url", "")
-    if url:
-        target = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        return (target if os.path.isfile(target) else None), url
-    return None, ""
+    target = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url)) if url else ""
+    return (target if target and os.path.isfile(target) else None), url
 
 
 def _load_pretrained(model_name: str, pretrained: str, cache_dir: str | None) -> tuple[nn.Module, Any, str]:
@@ -472,22 +360,13 @@ def _load_pretrained(model_name: str, pretrained: str, cache_dir: str | None) ->
         raise CLIPLoadError(f"{pretrained!r} is not an open_clip pretrained tag of {model_name} nor a file; "
                             f"valid tags: {tags}")
     local, remote = _cached_pretrained_file(pcfg, cache_dir)
-    kwargs = dict(force_quick_gelu=bool(pcfg.get("quick_gelu", False)), cache_dir=cache_dir)
-    if local is not None:
-        log.info("loading %s/%s from cache: %s", model_name, pretrained, local)
-        model = open_clip.create_model(model_name, pretrained=local, **kwargs)
-    else:
-        if _hf_offline() or not remote or not _reachable(remote):
-            raise CLIPLoadError(_offline_hint(model_name, pretrained))
-        log.info("downloading pretrained CLIP %s/%s", model_name, pretrained)
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise CLIPLoadError(f"{_offline_hint(model_name, pretrained)} (download failed: {e})") from e
-    # the tag's own image normalisation (create_model only merges it when it downloads by tag)
-    pp = dict(open_clip.model.get_model_preprocess_cfg(model))
-    for key in ("mean", "std", "interpolation", "resize_mode"):
-        if key in pcfg:
-            pp[key] = pcfg[key]
-    open_clip.model.set_model_preprocess_cfg(model, {**{"mean": OPENAI_MEAN, "std": OPENAI_STD}, **pp})
+    if local is None and (_hf_offline() or not remote or not _reachable(remote)):
+        raise CLIPLoadError(_offline_hint(model_name, pretrained))
+    log.info("loading pretrained CLIP %s/%s from %s", model_name, pretrained, local or "the network")
+    try:  # a cached file by path (no network at all), with the tag's image normalisation and activation
+        model = open_clip.create_model(model_name, pretrained=local or pretrained, cache_dir=cache_dir,
+                                       force_quick_gelu=bool(pcfg.get("quick_gelu", False)),
+                                       force_preprocess_cfg=dict(pcfg), weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a failed download, whatever the library raised
+        raise CLIPLoadError(f"{_offline_hint(model_name, pretrained)} (download failed: {e})") from e
     return model, tokenizer_for(model, model_name), model_name

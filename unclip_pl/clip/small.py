@@ -35,7 +35,7 @@ from typing import Any
 import open_clip
 from torch import nn
 
-from unclip_pl.utils.checkpoint import atomic_save
+from unclip_pl.checkpoint import atomic_save
 
 EXPORT_FORMAT = "unclip_pl.clip/1"
 

@@ -85,6 +85,9 @@ class StageModule(pl.LightningModule):
         ema_decay: decay of the weight EMA used for validation and sampling; ``None`` disables it.
         clip: optional frozen CLIP used to encode captions/images on the fly. Registered (so it moves with the module)
             but stripped from checkpoints: it is rebuilt from its own config.
+        run_config: the resolved run config (plain dict or DictConfig) stored in every checkpoint, as ``cfg`` and
+            as the ``unclip_pl`` stage entry that :func:`unclip_pl.checkpoint.load_stage` reads (see the format in
+            :mod:`unclip_pl.checkpoint`); None stores neither.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class StageModule(pl.LightningModule):
         clip: nn.Module | None = None,
         lr_schedule: str = "constant",
         min_lr_ratio: float = 0.1,
+        run_config: dict[str, Any] | None = None,
     ):
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
@@ -108,7 +112,7 @@ class StageModule(pl.LightningModule):
         self.ema = EMA(model, ema_decay) if ema_decay is not None else None
         self._ema_step = 0  # the optimiser step (trainer.global_step) the EMA last saw
         self.clip = clip
-        self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, set by unclip_pl.train
+        self.run_config = _plain_config(run_config)
 
     # ------------------------------------------------------------------ model access
     @property
@@ -167,9 +171,15 @@ class StageModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the resolved run config; drop the frozen CLIP's weights (rebuilt from ``cfg['clip']`` on load)."""
-        if getattr(self, "run_config", None) is not None:
+        """Store the resolved run config (``cfg``) and the stage entry (``unclip_pl``, see :mod:`unclip_pl.checkpoint`);
+        drop the frozen CLIP's weights (rebuilt from ``cfg['clip']`` on load)."""
+        from unclip_pl.checkpoint import stage_entry
+
+        if self.run_config is not None:
             checkpoint["cfg"] = self.run_config
+            entry = stage_entry(self.run_config)
+            if entry is not None:
+                checkpoint["unclip_pl"] = entry
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("clip.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -190,6 +200,13 @@ def warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float) -
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _plain_config(cfg: Any) -> dict[str, Any] | None:
+    """A DictConfig (what Hydra passes) as a resolved plain dict; dicts and None unchanged."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def _batch_size(batch: Any) -> int | None:
