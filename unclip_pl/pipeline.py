@@ -16,7 +16,6 @@ states are masked out exactly as the caption dropout does in training.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -24,89 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip_pl.interp import slerp_path, text_diff_path
+from unclip_pl.sample_settings import (DecoderSettings, PipelineSettings, PriorSettings, UpsamplerSettings,
+                                       resolve_settings)
 
+__all__ = ["DecoderSettings", "PipelineSettings", "PriorSettings", "UnCLIPPipeline", "UpsamplerSettings",
+           "load_pipeline_clip", "resolve_settings", "stage_stream"]
 
 Captions = Sequence[str | None]
 
 
-# ----------------------------------------------------------------------------------------------------------- settings
-@dataclass
-class PriorSettings:
-    """Diffusion prior sampling (paper: 64 steps, best of 2 by the dot product with z_t)."""
-    steps: Any = 64
-    sampler: str = "ddim"
-    eta: float = 0.0
-    guidance_scale: float = 1.0
-    best_of: int = 2
-
-
-@dataclass
-class DecoderSettings:
-    """Decoder sampling (paper: 250 strided steps; DDIM with far fewer is fine). Variations from the image's DDIM
-    inversion run DDIM both ways, whatever ``sampler`` is: ``invert_steps`` steps in each direction and
-    ``variation_eta`` for the way back (paper: DDIM with eta > 0; eta = 0 reconstructs the image)."""
-    steps: Any = 50
-    sampler: str = "ddim"
-    eta: float = 0.0
-    guidance_scale: float = 3.0
-    invert_steps: Any = 50
-    variation_eta: float = 0.5
-
-
-@dataclass
-class UpsamplerSettings:
-    """Upsampler sampling (paper: DDIM 27 and 15 steps)."""
-    steps: Any = 27
-    sampler: str = "ddim"
-    eta: float = 0.0
-
-
-@dataclass
-class PipelineSettings:
-    prior: PriorSettings = field(default_factory=PriorSettings)
-    decoder: DecoderSettings = field(default_factory=DecoderSettings)
-    #: one entry per upsampler; missing entries use the last one (or the defaults)
-    upsamplers: list[UpsamplerSettings] = field(default_factory=list)
-    #: images per decoder/upsampler forward batch
-    batch_size: int = 16
-    progress: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "PipelineSettings":
-        """Build from a plain dict / DictConfig (unknown keys raise, naming them)."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            from omegaconf import OmegaConf
-
-            d = OmegaConf.to_container(d, resolve=True)
-        d = dict(d)
-
-        def make(kind, value):
-            value = dict(value or {})
-            names = {f.name for f in fields(kind)}
-            bad = sorted(set(value) - names)
-            if bad:
-                raise ValueError(f"unknown {kind.__name__} key(s) {bad}; valid: {sorted(names)}")
-            return kind(**value)
-
-        out = cls(prior=make(PriorSettings, d.pop("prior", None)),
-                  decoder=make(DecoderSettings, d.pop("decoder", None)),
-                  upsamplers=[make(UpsamplerSettings, u) for u in (d.pop("upsamplers", None) or [])])
-        for key in ("batch_size", "progress"):
-            if key in d:
-                setattr(out, key, d.pop(key))
-        if d:
-            raise ValueError(f"unknown pipeline setting(s) {sorted(d)}")
-        return out
-
-    def upsampler(self, i: int) -> UpsamplerSettings:
-        if not self.upsamplers:
-            return UpsamplerSettings()
-        return self.upsamplers[min(i, len(self.upsamplers) - 1)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+Captions = Sequence[str | None]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -149,7 +75,8 @@ class UnCLIPPipeline:
             ``use_prior=False``: the CLIP text embedding stands in for the image embedding).
         decoder: ``Decoder``.
         upsamplers: ``Upsampler`` objects, run in order.
-        settings: ``PipelineSettings`` (or a dict of it).
+        settings: ``PipelineSettings`` (or a dict of it): every used stage's sampler settings, in full (there are
+            no defaults here; :meth:`from_checkpoints` takes them from each checkpoint's stored ``sample:`` block).
         device: where to run (default: the decoder's device).
     """
 
@@ -185,12 +112,15 @@ class UnCLIPPipeline:
     def from_checkpoints(cls, clip: Any = None, prior: str | None = None, decoder: str | None = None,
                          upsamplers: Sequence[str] = (), settings: PipelineSettings | dict | None = None,
                          which: str = "ema", device: str | torch.device = "cpu") -> "UnCLIPPipeline":
-        """Load each stage from a Lightning checkpoint or an exported weights file (``unclip_pl.checkpoint_io``).
+        """Load each stage from a Lightning checkpoint or an exported weights file (``unclip_pl.checkpoint``).
 
         ``clip``: a FrozenCLIP, a ``clip.loader`` config (dict with ``_target_``), or None for the loader stored in
         the decoder's checkpoint (the CLIP the decoder was trained with).
+        ``settings``: each stage samples with its checkpoint's stored ``sample:`` block; a dict shaped like
+        :class:`PipelineSettings` overrides it key by key (``None`` values keep the stored ones); a
+        ``PipelineSettings`` replaces it.
         """
-        from unclip_pl.checkpoint_io import load_stage
+        from unclip_pl.checkpoint import load_stage
 
         if decoder is None:
             raise ValueError("a decoder checkpoint is required")
@@ -200,8 +130,10 @@ class UnCLIPPipeline:
         ups = [load_stage(p, which=which, stage="upsampler") for p in (upsamplers or [])]
         clip_model = load_pipeline_clip(clip, dec)
         if not isinstance(settings, PipelineSettings):
-            settings = settings_with_stage_defaults(settings, pri, dec, ups)
-        pipe = cls(clip_model, pri, dec, ups, settings, device=device)
+            settings = resolve_settings(settings, pri.sample if pri is not None else None, dec.sample,
+                                        [u.sample for u in ups])
+        pipe = cls(clip_model, pri.model if pri is not None else None, dec.model, [u.model for u in ups], settings,
+                   device=device)
         pipe.sources = {"prior": prior, "decoder": decoder, "upsamplers": list(upsamplers or []), "which": which,
                         "clip": getattr(clip_model, "model_name", None),
                         "clip_fingerprint": getattr(clip_model, "fingerprint", None)}
@@ -239,6 +171,8 @@ class UnCLIPPipeline:
         if self.prior is None:
             raise ValueError("this pipeline has no prior: give a prior checkpoint, or use the CLIP text embedding "
                              "(use_prior=False)")
+        if self.settings.prior is None:
+            raise ValueError("no prior sampler settings: give settings={'prior': {...}}")
         s = self.settings.prior
         enc = self.encode_text(captions)
         out = []
@@ -248,8 +182,7 @@ class UnCLIPPipeline:
             raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
         for i in range(0, len(captions), bs):
             sl = slice(i, i + bs)
-            out.append(self.prior.sample(enc.emb[sl], enc.tokens[sl], enc.mask[sl], steps=s.steps, sampler=s.sampler,
-                                         eta=s.eta, guidance_scale=s.guidance_scale, best_of=s.best_of,
+            out.append(self.prior.sample(enc.emb[sl], enc.tokens[sl], enc.mask[sl], **s.sampler_kwargs(),
                                          seeds=seeds[sl], stream=stage_stream("prior")).float())
         return torch.cat(out)
 
@@ -291,18 +224,16 @@ class UnCLIPPipeline:
         seeds = list(seeds) if seeds is not None else default_seeds(b)
         if len(seeds) != b:
             raise ValueError(f"{b} embeddings but {len(seeds)} seeds")
-        s = self.settings.decoder
+        given = dict(steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale)
+        kwargs = {**self.settings.decoder.sampler_kwargs(), **{k: v for k, v in given.items() if v is not None}}
         bs = max(1, self.settings.batch_size)
         out = []
         for i in range(0, b, bs):
             sl = slice(i, i + bs)
             text = self._caption_states(captions[sl])
             x_T_sl = x_T[sl].to(self.device) if x_T is not None else None  # else drawn per image from its seed
-            out.append(self.decoder.sample(
-                z_i[sl], text=text, steps=s.steps if steps is None else steps, sampler=sampler or s.sampler,
-                eta=s.eta if eta is None else eta,
-                guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale, seeds=seeds[sl],
-                x_T=x_T_sl, progress=self.settings.progress, stream=stage_stream("decoder")).float())
+            out.append(self.decoder.sample(z_i[sl], text=text, **kwargs, seeds=seeds[sl], x_T=x_T_sl,
+                                           progress=self.settings.progress, stream=stage_stream("decoder")).float())
         images = torch.cat(out)
         return self.upsample(images, seeds) if upsample else images
 
@@ -317,9 +248,8 @@ class UnCLIPPipeline:
             low = resize_images(images, int(up.low_res_size))
             parts = []
             for i in range(0, low.shape[0], bs):
-                parts.append(up.sample(low[i:i + bs], steps=s.steps, sampler=s.sampler, eta=s.eta,
-                                       seeds=seeds[i:i + bs], stream=stage_stream("upsampler", j),
-                                       progress=self.settings.progress).float())
+                parts.append(up.sample(low[i:i + bs], **s.sampler_kwargs(), seeds=seeds[i:i + bs],
+                                       stream=stage_stream("upsampler", j), progress=self.settings.progress).float())
             images = torch.cat(parts)
         return images
 
@@ -364,6 +294,9 @@ class UnCLIPPipeline:
         if not invert:
             return self.decode(z, captions, seeds, eta=eta)
         s = self.settings.decoder
+        if s.invert_steps is None or (eta is None and s.variation_eta is None):
+            raise ValueError("variations with invert=True need settings.decoder.invert_steps and variation_eta (or "
+                             "eta=...): set them in the decoder's sample: block or as overrides")
         x0 = resize_images(image, int(self.decoder.image_size))
         text = self._caption_states([caption])
         x_T = self.decoder.invert(x0, z[:1], text=text, steps=s.invert_steps, guidance_scale=s.guidance_scale)
@@ -425,56 +358,24 @@ class UnCLIPPipeline:
         return torch.softmax(scale * (z_i @ z_t.T)[0], dim=-1).cpu()
 
 
-def _stage_sample_block(model: nn.Module | None, kind: type) -> dict[str, Any]:
-    """The ``sample:`` block of a loaded stage's config, restricted to ``kind``'s fields."""
-    block = ((getattr(model, "stage_cfg", None) or {}).get("sample") or {}) if model is not None else {}
-    names = {f.name for f in fields(kind)}
-    return {k: v for k, v in dict(block).items() if k in names and v is not None}
-
-
-def settings_with_stage_defaults(overrides: dict | Any | None, prior: nn.Module | None, decoder: nn.Module,
-                                 upsamplers: Sequence[nn.Module]) -> PipelineSettings:
-    """Settings = each checkpoint's own ``sample:`` block, overridden key by key by ``overrides`` (a dict shaped
-    like :class:`PipelineSettings`; ``None`` values are ignored)."""
-    if overrides is not None and not isinstance(overrides, dict):
-        from omegaconf import OmegaConf
-
-        overrides = OmegaConf.to_container(overrides, resolve=True)
-    overrides = dict(overrides or {})
-
-    def merged(base: dict, over: dict | None) -> dict:
-        return {**base, **{k: v for k, v in dict(over or {}).items() if v is not None}}
-
-    up_over = list(overrides.pop("upsamplers", None) or [])
-    ups = []
-    for i, up in enumerate(upsamplers):
-        over = up_over[min(i, len(up_over) - 1)] if up_over else None
-        ups.append(merged(_stage_sample_block(up, UpsamplerSettings), over))
-    d = {"prior": merged(_stage_sample_block(prior, PriorSettings), overrides.pop("prior", None)),
-         "decoder": merged(_stage_sample_block(decoder, DecoderSettings), overrides.pop("decoder", None)),
-         "upsamplers": ups if upsamplers else up_over}
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    return PipelineSettings.from_dict(d)
-
-
-def load_pipeline_clip(clip: Any, decoder: nn.Module | None = None):
+def load_pipeline_clip(clip: Any, decoder: Any = None):
     """A FrozenCLIP from: a FrozenCLIP (returned as is), a loader config (``_target_`` dict / DictConfig), or None
-    (the ``clip.loader`` stored with the decoder checkpoint)."""
+    (the ``clip.loader`` stored with the decoder checkpoint, ``decoder``: a ``LoadedStage``)."""
     if clip is not None and isinstance(clip, nn.Module):
         return clip
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
-    from unclip_pl.checkpoint_io import CheckpointError
+    from unclip_pl.checkpoint import CheckpointError
     from unclip_pl.clip.frozen import CLIPLoadError
 
     if isinstance(clip, DictConfig):
         clip = OmegaConf.to_container(clip, resolve=True)
     where = "the CLIP given with clip=" if clip is not None else (
-        f"the CLIP of the decoder checkpoint {getattr(decoder, 'source_path', '?')}")
+        f"the CLIP of the decoder checkpoint {getattr(decoder, 'path', '?')}")
     if clip is None:
-        clip_cfg = getattr(decoder, "clip_cfg", None)
+        clip_cfg = getattr(decoder, "clip", None)
         if not clip_cfg or "loader" not in clip_cfg:
             raise ValueError("no CLIP given and the decoder checkpoint stores no clip.loader config: pass clip=...")
         clip = dict(clip_cfg["loader"])

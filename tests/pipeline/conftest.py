@@ -50,8 +50,6 @@ def decoder_model(text: str = "own") -> dict:
         "diffusion": GAUSS("eps"),
         "text_encoder": ({"_target_": "unclip_pl.nets.text.TextEncoder", "vocab_size": 49408, "context_length": 77,
                           "width": W, "layers": 1, "heads": 2} if text == "own" else None),
-        "sample_steps": SAMPLE_STEPS,
-        "guidance_scale": 2.0,
     }
 
 
@@ -62,7 +60,6 @@ UPSAMPLER_MODEL = {
     "diffusion": GAUSS("eps"),
     "low_res_size": IMG,
     "image_size": UP,
-    "sample_steps": SAMPLE_STEPS,
 }
 
 
@@ -126,8 +123,8 @@ def tiny(tmp_path_factory):
         "prior": ("prior", PRIOR_MODEL, {"steps": SAMPLE_STEPS, "sampler": "ddim", "eta": 0.0, "best_of": 2,
                                          "guidance_scale": 1.0}),
         "decoder": ("decoder", decoder_model("own"), {"steps": SAMPLE_STEPS, "sampler": "ddim", "eta": 0.0,
-                                                      "guidance_scale": 2.0}),
-        "decoder_clip": ("decoder", decoder_model("clip"), {"steps": SAMPLE_STEPS, "sampler": "ddim",
+                                                      "guidance_scale": 2.0, "variation_eta": 0.5}),
+        "decoder_clip": ("decoder", decoder_model("clip"), {"steps": SAMPLE_STEPS, "sampler": "ddim", "eta": 0.0,
                                                             "guidance_scale": 2.0}),
         "upsampler": ("upsampler", UPSAMPLER_MODEL, {"steps": SAMPLE_STEPS, "sampler": "ddim", "eta": 0.0}),
     }

@@ -162,12 +162,14 @@ def test_bad_judge_is_one_clear_error(tmp_path, tiny):
 def test_eval_callback_logs_metrics(tiny):
     """The callback collects a fixed val set, decodes it with the module's eval model and computes the metrics."""
     from unclip_pl.callbacks.eval_metrics import EvalMetricsCallback
-    from unclip_pl.checkpoint_io import load_stage
+    from unclip_pl.sample_settings import DecoderSettings
+    from unclip_pl.checkpoint import load_stage
 
     class FakeModule(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = load_stage(tiny["decoder"], which="model").train()
+            self.model = load_stage(tiny["decoder"], which="model").model.train()
+            self.sample_settings = DecoderSettings.from_block(tiny["decoder_cfg"]["sample"])
             self.clip = tiny["clip"]
             self._trainer = None
 

@@ -147,7 +147,8 @@ def test_caption_only_row_is_the_decoders_learned_null(tiny_pipeline):
 def test_caption_only_row_is_zeros_for_a_zeros_null(tiny):
     cfg = dict(decoder_model("own"), null_clip="zeros")
     dec = perturb_(build(cfg), seed=7).eval()
-    pipe = UnCLIPPipeline(tiny["clip"], None, dec, [], settings={"decoder": {"steps": 3, "guidance_scale": 2.0}})
+    pipe = UnCLIPPipeline(tiny["clip"], None, dec, [], settings={"decoder": {"steps": 3, "sampler": "ddim", "eta": 0.0,
+                                                                             "guidance_scale": 2.0}})
     caps, seeds = ["sun", "moon"], [3, 4]
     rows = pipe.conditioning_ablation(caps, seeds)
     assert list(rows) == ["caption_only", "text_emb"]
@@ -178,9 +179,9 @@ def oracle_pipeline(tiny, sampler, x0=None, steps=7, invert_steps=40):
     from unclip_pl.models.decoder import Decoder
 
     diffusion = build(GAUSS("eps"))
-    dec = Decoder(OracleUNet(diffusion, x0), diffusion, text_encoder=None, sampler=sampler).eval()
+    dec = Decoder(OracleUNet(diffusion, x0), diffusion, text_encoder=None).eval()
     return UnCLIPPipeline(tiny["clip"], None, dec, [], settings={"decoder": {
-        "sampler": sampler, "steps": steps, "invert_steps": invert_steps, "guidance_scale": 3.0}})
+        "sampler": sampler, "steps": steps, "eta": 0.0, "invert_steps": invert_steps, "guidance_scale": 3.0}})
 
 
 def test_inverted_variations_at_eta_0_return_the_image_with_a_point_oracle(tiny):
@@ -207,12 +208,13 @@ def test_inverted_variations_are_ddim_both_ways_whatever_the_sampler(tiny, sampl
 def test_inverted_variations_use_one_guided_model_and_clipping_both_ways(tiny):
     """Against the definition, with a real (tiny, random) decoder whose configured sampler is DPM-Solver++:
     DDIM inversion and DDIM sampling with the same steps, the same guided model function and x0 clipping."""
-    from unclip_pl.checkpoint_io import load_stage
+    from unclip_pl.checkpoint import load_stage
 
-    dec = load_stage(tiny["decoder"])
+    dec = load_stage(tiny["decoder"]).model
     steps, g = 4, 2.5
     pipe = UnCLIPPipeline(tiny["clip"], None, dec, [], settings={"decoder": {
-        "sampler": "dpmpp_2m", "steps": 6, "invert_steps": steps, "guidance_scale": g, "variation_eta": 0.5}})
+        "sampler": "dpmpp_2m", "steps": 6, "eta": 0.0, "invert_steps": steps, "guidance_scale": g,
+        "variation_eta": 0.5}})
     image = torch.rand(3, IMG, IMG, generator=torch.Generator().manual_seed(2)) * 2 - 1
     z = pipe.embed_images(image)
     text = pipe._caption_states(["red heart"])

@@ -102,15 +102,16 @@ def test_tiny_decoder_overfits_one_batch():
 def test_sample_shapes_and_seed_determinism(sampler):
     dec = tiny_decoder().eval()
     _, emb, tokens = batch(3)
-    a = dec.sample(emb, tokens, steps=4, sampler=sampler, guidance_scale=3.0, seeds=[1, 2, 3])
-    b = dec.sample(emb, tokens, steps=4, sampler=sampler, guidance_scale=3.0, seeds=[1, 2, 3])
+    kw = dict(steps=4, sampler=sampler, eta=0.0, guidance_scale=3.0)
+    a = dec.sample(emb, tokens, seeds=[1, 2, 3], **kw)
+    b = dec.sample(emb, tokens, seeds=[1, 2, 3], **kw)
     assert a.shape == (3, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b)
     # an image depends only on its own seed, not on the batch (step noise of ddpm is per image too)
-    c = dec.sample(emb[2:], tokens[2:], steps=4, sampler=sampler, guidance_scale=3.0, seeds=[3])
+    c = dec.sample(emb[2:], tokens[2:], seeds=[3], **kw)
     assert torch.allclose(a[2:], c, atol=1e-5)
     if sampler == "ddpm":  # and the step noise matters: another seed's stream gives another image
-        d = dec.sample(emb[2:], tokens[2:], steps=4, sampler=sampler, guidance_scale=3.0, seeds=[4])
+        d = dec.sample(emb[2:], tokens[2:], seeds=[4], **kw)
         assert not torch.allclose(d, c, atol=1e-3)
 
 
@@ -119,7 +120,7 @@ def test_guidance_batches_cond_and_uncond_in_one_forward():
     _, emb, tokens = batch(2)
     calls = []
     hook = dec.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    dec.sample(emb, tokens, steps=3, sampler="ddim", guidance_scale=2.0, seeds=[0, 1])
+    dec.sample(emb, tokens, steps=3, sampler="ddim", eta=0.0, guidance_scale=2.0, seeds=[0, 1])
     hook.remove()
     assert calls == [4, 4, 4]
 
@@ -127,9 +128,9 @@ def test_guidance_batches_cond_and_uncond_in_one_forward():
 def test_invert_roundtrip_shape():
     dec = tiny_decoder().eval()
     images, emb, tokens = batch(2)
-    x_T = dec.invert(images, emb, tokens, steps=5)
+    x_T = dec.invert(images, emb, tokens, steps=5, guidance_scale=3.0)
     assert x_T.shape == images.shape and torch.isfinite(x_T).all()
-    out = dec.sample(emb, tokens, steps=5, sampler="ddim", guidance_scale=1.0, x_T=x_T)
+    out = dec.sample(emb, tokens, steps=5, sampler="ddim", eta=0.0, guidance_scale=1.0, x_T=x_T)
     assert out.shape == images.shape
 
 

@@ -41,7 +41,7 @@ def test_decoder_module_trains_validates_and_logs_grid(tmp_path):
     model = Decoder(unet, GaussianDiffusion(get_betas("cosine", 1000)),
                     TextEncoder(vocab_size=100, context_length=10, width=32, layers=1, heads=2))
     module = DecoderModule(model, functools.partial(torch.optim.AdamW, lr=1e-3), ema_decay=0.9, channels_last=True,
-                           num_grid_items=3, sample_steps=3, guidance_scale=2.0)
+                           num_grid_items=3, sample={"steps": 3, "sampler": "ddim", "eta": 0.0, "guidance_scale": 2.0})
     trainer = fit(module, items(8, 16), tmp_path)
     assert "val/loss" in trainer.callback_metrics and "train/loss" in trainer.callback_metrics
     pngs = list(Path(tmp_path).rglob("samples/*.png"))
@@ -55,7 +55,7 @@ def test_upsampler_module_trains_validates_and_logs_grid(tmp_path):
                 low_res_channels=3)
     model = Upsampler(unet, GaussianDiffusion(get_betas("cosine", 1000)), low_res_size=16, degradation=gaussian_blur)
     module = UpsamplerModule(model, functools.partial(torch.optim.AdamW, lr=1e-3), ema_decay=None,
-                             num_grid_items=2, sample_steps=3)
+                             num_grid_items=2, sample={"steps": 3, "sampler": "ddim", "eta": 0.0})
     trainer = fit(module, [{"image": d["image"]} for d in items(8, 32)], tmp_path)
     assert "val/loss" in trainer.callback_metrics
     assert len(list(Path(tmp_path).rglob("samples/*.png"))) == 1

@@ -224,3 +224,65 @@ def test_per_row_generators_make_rows_independent_of_the_batch():
     assert len(gens) == 6 and len(set(gens.row_seeds(4))) == 6
     with pytest.raises(ValueError, match="rows but a batch"):
         sample_ddpm(d, model, x_T, steps=5, generator=step_generator([1], None, "cpu"))
+
+
+# ------------------------------------------------------------------ the registry
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+def test_every_registered_sampler_runs_through_the_one_signature(name):
+    """get_sampler(name)(diffusion, model_fn, x_T, steps, *, eta, model_kwargs, generator, clip_denoised,
+    denoised_fn, progress, callback, device): the same call for every name, the point oracle recovered."""
+    from unclip_pl.diffusion import SAMPLERS, get_sampler
+
+    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp_2m"] and get_sampler(name) is SAMPLERS[name]
+    d = GaussianDiffusion(get_betas("cosine", 1000), target="eps")
+    x0 = torch.rand(1, *SHAPE[1:], generator=torch.Generator().manual_seed(0)) * 2 - 1
+    oracle = point_oracle(d, x0, "eps")
+    kwargs_seen, steps_seen = [], []
+
+    def model_fn(x, t, **kw):
+        kwargs_seen.append(kw)
+        return oracle(x, t)
+
+    out = get_sampler(name)(d, model_fn, SHAPE, 10, eta=0.5, model_kwargs={"cond": 1},
+                            generator=torch.Generator().manual_seed(1), clip_denoised=True, denoised_fn=None,
+                            progress=False, callback=lambda i, x, x0: steps_seen.append(i), device="cpu")
+    assert out.shape == SHAPE and torch.allclose(out, x0.expand(SHAPE), atol=1e-3)
+    assert steps_seen == list(range(10))[::-1] and all(kw == {"cond": 1} for kw in kwargs_seen)
+
+
+@pytest.mark.parametrize("name", ["euler", "DDIM", None])
+def test_unknown_sampler_is_one_line_naming_the_valid_ones(name):
+    from unclip_pl.diffusion import get_sampler
+
+    with pytest.raises(ValueError, match=r"^unknown sampler .*; valid choices: ddpm, ddim, dpmpp_2m$") as err:
+        get_sampler(name)
+    assert "\n" not in str(err.value)
+
+
+def test_models_look_samplers_up_in_the_registry(monkeypatch):
+    """The prior, decoder and upsampler have no sampler copies: they call what the registry holds."""
+    from unclip_pl.diffusion import samplers
+
+    called = []
+    real = samplers.SAMPLERS["ddim"]
+    monkeypatch.setitem(samplers.SAMPLERS, "ddim", lambda *a, **kw: called.append(1) or real(*a, **kw))
+    from unclip_pl.models.upsampler import Upsampler
+    from unclip_pl.nets.unet import UNet
+
+    unet = UNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=[], image_size=16,
+                low_res_channels=3)
+    up = Upsampler(unet, GaussianDiffusion(get_betas("cosine", 1000)), low_res_size=8).eval()
+    up.sample(torch.zeros(1, 3, 8, 8), steps=2, sampler="ddim", eta=0.0, seeds=[0])
+    assert called == [1]
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        up.sample(torch.zeros(1, 3, 8, 8), steps=2, sampler="euler", eta=0.0)
+
+
+def test_a_generator_on_another_device_falls_back_to_the_global_rng():
+    """step_generator(..., device): a generator that cannot draw on x's device is dropped (None), others kept."""
+    from unclip_pl.diffusion import step_generator
+
+    g = torch.Generator()
+    assert step_generator(None, g, "cpu") is g and step_generator(None, [g, g], "cpu") == [g, g]
+    assert step_generator(None, g, "meta") is None and step_generator(None, [g], "meta") is None
+    assert step_generator(None, g) is g

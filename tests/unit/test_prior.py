@@ -15,6 +15,8 @@ from unclip_pl.nets.layers import timestep_embedding
 from unclip_pl.nets.prior import PriorTransformer
 
 D, W, L = 16, 24, 12
+#: a prior stage's sample: block (conf/prior/diffusion.yaml's values)
+SAMPLE = {"steps": 64, "sampler": "ddim", "eta": 0.0, "guidance_scale": 1.0, "best_of": 2}
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -231,7 +233,7 @@ def test_sample_seeds_make_each_caption_independent_of_its_batch():
     torch.manual_seed(0)
     model = DiffusionPrior(_KeepsNoise()).eval()
     img, txt, tok, mask = batch(b=3)
-    kw = dict(steps=6, sampler="ddpm", best_of=2, guidance_scale=2.0)  # step noise is per caption too
+    kw = dict(steps=6, sampler="ddpm", eta=0.0, best_of=2, guidance_scale=2.0)  # step noise is per caption too
     full = model.sample(txt, tok, mask, seeds=[10, 11, 12], **kw)
     alone = model.sample(txt[2:], tok[2:], mask[2:], seeds=[12], **kw)   # caption 2 without the others
     torch.testing.assert_close(alone, full[2:], atol=1e-5, rtol=1e-5)
@@ -245,7 +247,7 @@ def test_sample_with_cache_equals_without():
     torch.manual_seed(0)
     model = DiffusionPrior(tiny_net()).eval()
     img, txt, tok, mask = batch(b=3)
-    kw = dict(steps=6, best_of=2, guidance_scale=3.0)
+    kw = dict(steps=6, sampler="ddim", eta=0.0, best_of=2, guidance_scale=3.0)
     a = model.sample(txt, tok, mask, generator=torch.Generator().manual_seed(1), use_cache=True, **kw)
     b = model.sample(txt, tok, mask, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
     assert torch.allclose(a, b, atol=1e-4)
@@ -255,11 +257,12 @@ def test_sample_best_of_is_the_best_candidate():
     torch.manual_seed(0)
     model = DiffusionPrior(tiny_net()).eval()
     img, txt, tok, mask = batch(b=3)
-    best = model.sample(txt, tok, mask, steps=4, best_of=4, generator=torch.Generator().manual_seed(3))
+    kw = dict(steps=4, sampler="ddim", eta=0.0, guidance_scale=1.0)
+    best = model.sample(txt, tok, mask, best_of=4, generator=torch.Generator().manual_seed(3), **kw)
     # The same noise drawn as 12 = 3 x 4 single candidates (repeat_interleave order: caption-major).
     rep = lambda x: x.repeat_interleave(4, 0)  # noqa: E731
-    singles = model.sample(rep(txt), rep(tok), rep(mask), steps=4, best_of=1,
-                           generator=torch.Generator().manual_seed(3)).view(3, 4, D)
+    singles = model.sample(rep(txt), rep(tok), rep(mask), best_of=1,
+                           generator=torch.Generator().manual_seed(3), **kw).view(3, 4, D)
     dots = torch.einsum("bnd,bd->bn", singles, txt)
     assert torch.allclose(best, singles[torch.arange(3), dots.argmax(1)], atol=1e-5)
 
@@ -330,7 +333,7 @@ def test_prior_module_with_frozen_clip():
     clip = tiny_clip()
     model = DiffusionPrior(tiny_net(), normalization="scale")
     module = PriorModule(model, functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.06), clip=clip,
-                         val_steps=4, val_best_of=2)
+                         sample=SAMPLE | {"steps": 4})
     bt = clip_batch(clip)
     out = module.compute_loss(bt)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
@@ -338,7 +341,7 @@ def test_prior_module_with_frozen_clip():
     assert model.net.text_proj.weight.grad is not None
     # validation path without a Trainer: sample + metrics
     enc = module.encode_text(bt["tokens"])
-    pred = module.eval_model.sample(bt["txt_emb"], enc.tokens, enc.mask, steps=4)
+    pred = module.eval_model.sample(bt["txt_emb"], enc.tokens, enc.mask, **module.sample_settings.sampler_kwargs())
     m = prior_metrics(pred, bt["img_emb"], bt["txt_emb"])
     assert set(m) >= {"cos_pred_true", "cos_text_true", "cos_pred_text", "cos_pred_other", "retrieval_top1",
                       "retrieval_top5", "text_retrieval_top1", "text_retrieval_top5"}
@@ -355,7 +358,7 @@ def test_prior_module_trains_and_validates_with_trainer(tmp_path):
     data = [clip_batch(clip, b=8, seed=s) for s in range(4)]
     model = DiffusionPrior(tiny_net(), normalization="standardize")
     module = PriorModule(model, functools.partial(torch.optim.AdamW, lr=1e-3), warmup_steps=2, ema_decay=0.9,
-                         clip=clip, normalizer_batches=3, val_steps=4)
+                         clip=clip, normalizer_batches=3, sample=SAMPLE | {"steps": 4})
     loader = DataLoader(data, batch_size=None)
     trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -390,7 +393,7 @@ def test_config_instantiates_and_steps():
     clip = tiny_clip()
     module = instantiate(cfg.prior.module, clip=clip)
     assert module.model.net.embed_dim == D and module.model.diffusion.target == "x0"
-    assert module.model.diffusion.num_steps == 1000 and module.val_sample_kwargs["steps"] == 64
+    assert module.model.diffusion.num_steps == 1000 and module.sample_settings.steps == 64
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     loss = module.compute_loss(clip_batch(clip))["loss"]

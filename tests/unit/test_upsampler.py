@@ -8,6 +8,9 @@ from unclip_pl.diffusion import GaussianDiffusion, get_betas
 from unclip_pl.models.upsampler import Upsampler, random_crop_pair
 from unclip_pl.nets.unet import AttentionBlock, UNet
 
+#: an upsampler stage's sample: block (3 steps)
+SAMPLE = {"steps": 3, "sampler": "ddim", "eta": 0.0}
+
 
 def compose(overrides: list[str], output_dir=None):
     """The real config composed from conf/train.yaml as train.py does (only the stage subtree is instantiated)."""
@@ -54,10 +57,10 @@ def test_upsampler_has_no_attention_and_samples_at_other_sizes():
     up = tiny_upsampler().eval()
     assert not any(isinstance(m, AttentionBlock) for m in up.modules())
     for h, w in [(16, 16), (12, 20)]:                 # training crop is 8x8 at 32x32 output
-        out = up.sample(torch.rand(2, 3, h, w) * 2 - 1, steps=3, seeds=[0, 1])
+        out = up.sample(torch.rand(2, 3, h, w) * 2 - 1, **SAMPLE, seeds=[0, 1])
         assert out.shape == (2, 3, 2 * h, 2 * w) and out.min() >= -1 and out.max() <= 1
-    a = up.sample(torch.zeros(1, 3, 16, 16), steps=3, seeds=[5])
-    assert torch.equal(a, up.sample(torch.zeros(1, 3, 16, 16), steps=3, seeds=[5]))
+    a = up.sample(torch.zeros(1, 3, 16, 16), **SAMPLE, seeds=[5])
+    assert torch.equal(a, up.sample(torch.zeros(1, 3, 16, 16), **SAMPLE, seeds=[5]))
 
 
 def test_low_res_is_downsampled_and_degraded():
@@ -90,7 +93,8 @@ def test_paper_upsampler_configs(name, size, low, steps, params, tmp_path):
         model = instantiate(node, diffusion=diffusion)
     n = sum(p.numel() for p in model.parameters())
     assert params[0] < n < params[1], n
-    assert (model.image_size, model.low_res_size, model.crop_size, model.sample_steps) == (size, low, size // 4, steps)
+    assert (model.image_size, model.low_res_size, model.crop_size, cfg.upsampler.sample.steps) == (size, low, size // 4,
+                                                                                               steps)
     assert not any(isinstance(m, AttentionBlock) for m in model.modules())
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     y = model.degradation(x)
@@ -134,10 +138,10 @@ def test_low_res_made_in_loader_workers_equals_the_training_step():
 def test_upsampler_module_wires_the_loader_transform():
     from unclip_pl.lit.upsampler import UpsamplerModule
 
-    in_step = UpsamplerModule(tiny_upsampler())
+    in_step = UpsamplerModule(tiny_upsampler(), sample=SAMPLE)
     assert in_step.loader_batch_transform is None
     assert torch.isfinite(in_step.compute_loss({"image": torch.rand(2, 3, 32, 32) * 2 - 1})["loss"])
-    module = UpsamplerModule(tiny_upsampler(), degrade_in_loader=True)
+    module = UpsamplerModule(tiny_upsampler(), degrade_in_loader=True, sample=SAMPLE)
     transform = module.loader_batch_transform
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     batch = transform({"image": images})

@@ -29,13 +29,14 @@ class EvalMetricsCallback(pl.Callback):
     """Args:
         every_n_steps: evaluate when ``global_step % every_n_steps == 0`` (and at the end of fit).
         num_samples: size of the fixed val set per rank.
-        steps / sampler / guidance_scale / eta: decoder sampler settings (None = the model's defaults).
+        steps / sampler / guidance_scale / eta: overrides of the decoder module's sampler settings (its ``sample:``
+            block, ``pl_module.sample_settings``); None = keep that value.
         batch_size: decode batch size.
         grid_items: images of the fixed set shown in the logged grid (0 = no grid).
         at_fit_end: also evaluate once when training ends.
     """
 
-    def __init__(self, every_n_steps: int = 500, num_samples: int = 32, steps: Any = 25, sampler: str | None = None,
+    def __init__(self, every_n_steps: int = 500, num_samples: int = 32, steps: Any = None, sampler: str | None = None,
                  guidance_scale: float | None = None, eta: float | None = None, batch_size: int = 32,
                  grid_items: int = 8, at_fit_end: bool = True):
         super().__init__()
@@ -88,14 +89,13 @@ class EvalMetricsCallback(pl.Callback):
         """Decode the fixed set; returns (metrics, real (N, 3, S, S), decoded (N, 3, S, S))."""
         from unclip_pl.metrics.clip_score import caption_retrieval, encode_captions, unique_captions
         from unclip_pl.metrics.fid import FrechetFeatureDistance, gather_features
-        from unclip_pl.pipeline import DecoderSettings, PipelineSettings, UnCLIPPipeline
+        from unclip_pl.pipeline import UnCLIPPipeline
+        from unclip_pl.sample_settings import resolve_settings
 
         model = pl_module.eval_model
         was_training = model.training
-        dec = {k: v for k, v in self.sample.items() if v is not None}
-        defaults = {"steps": model.sample_steps, "sampler": model.sampler, "eta": model.eta,
-                    "guidance_scale": model.guidance_scale}
-        settings = PipelineSettings(decoder=DecoderSettings(**{**defaults, **dec}), batch_size=self.batch_size)
+        stored = pl_module.sample_settings.sampler_kwargs()     # the module's sample: block
+        settings = resolve_settings({"decoder": self.sample, "batch_size": self.batch_size}, None, stored, [])
         try:
             pipe = UnCLIPPipeline(pl_module.clip, None, model, [], settings, device=pl_module.device)
             real = torch.cat(self.items["image"])

@@ -1,10 +1,15 @@
 """Samplers: small pure functions over a GaussianDiffusion and a `model_fn(x, t, **model_kwargs)`.
 
+Every sampler has one signature, ``sample_fn(diffusion, model_fn, x_T, steps=None, *, eta=0.0, model_kwargs=None,
+generator=None, clip_denoised=False, denoised_fn=None, progress=False, callback=None, device=None) -> x_0``, and is
+looked up by name in :data:`SAMPLERS` / :func:`get_sampler` (the models and the pipeline do).
+
 Common arguments:
     diffusion: the training GaussianDiffusion (or an already respaced one).
     model_fn: network function; receives ORIGINAL timestep indices (respacing maps them).
     x_T: starting noise (B, C, ...) or a shape tuple (then drawn with `generator` on `device`).
     steps: respacing spec for `diffusion.respaced` (int, "ddimN", list); None = the diffusion's own steps.
+    eta: DDIM's noise scale (0 = deterministic); accepted and unused by ddpm and dpmpp_2m.
     model_kwargs: conditioning passed as model_fn(x, t, **model_kwargs).
     generator: torch.Generator for every random draw (must live on x's device); or, with x_T given as a tensor, a
         list of B generators, one per row, or the :class:`SeededNoise` of :func:`step_generator`, whose row i's step
@@ -15,7 +20,7 @@ Common arguments:
         in the respaced schedule (counting down), x the new sample and x0 the prediction used for it.
 """
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -86,11 +91,15 @@ def step_generator(seeds: Sequence[int] | None, generator: torch.Generator | Non
     """The step-noise source of the stochastic samplers (ddpm, ddim with eta > 0), passed as their ``generator``.
 
     With ``seeds``: a :class:`SeededNoise` of ``len(seeds) * per_seed`` rows, row ``i * per_seed + j`` from
-    (seeds[i], stage, candidate j, step), drawn on x's device. Else ``generator`` (one stream for the batch), else
-    None (the global RNG). ``device`` is unused (kept for callers that pass it)."""
-    if seeds is None:
-        return generator
-    return SeededNoise(seeds, stage, per_seed)
+    (seeds[i], stage, candidate j, step), drawn on x's device. Else ``generator`` (one stream for the batch, or a
+    list of one per row), else None (the global RNG). With ``device`` given (x's device), a ``generator`` on another
+    device gives None: the samplers draw step noise on x's device, and a CPU generator cannot draw on CUDA."""
+    if seeds is not None:
+        return SeededNoise(seeds, stage, per_seed)
+    first = generator[0] if isinstance(generator, (list, tuple)) and generator else generator
+    if device is not None and isinstance(first, torch.Generator) and first.device != torch.device(device):
+        return None
+    return generator
 
 
 def _step_noise(x: torch.Tensor, generator, step: int) -> torch.Tensor:
@@ -118,11 +127,12 @@ def _t(i: int, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_ddpm(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_kwargs=None, generator=None,
-                clip_denoised=False, denoised_fn=None, progress=False, callback=None, device=None) -> torch.Tensor:
+def sample_ddpm(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, *, eta: float = 0.0, model_kwargs=None,
+                generator=None, clip_denoised=False, denoised_fn=None, progress=False, callback=None,
+                device=None) -> torch.Tensor:
     """Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) (DDPM, Ho et al. 2020, Algorithm 2), over a respaced schedule
-    as in Improved DDPM (Nichol & Dhariwal 2021, section 4). Variance: fixed small/large or learned.
-    Returns x_0 (B, C, ...)."""
+    as in Improved DDPM (Nichol & Dhariwal 2021, section 4). Variance: fixed small/large or learned. ``eta`` is
+    unused (the step noise is the model's variance). Returns x_0 (B, C, ...)."""
     diff = _schedule(diffusion, steps)
     x = _initial_noise(x_T, generator, device)
     for i in _indices(diff.num_steps, progress):
@@ -137,9 +147,9 @@ def sample_ddpm(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_k
 
 
 @torch.no_grad()
-def sample_ddim(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_kwargs=None, generator=None,
-                clip_denoised=False, denoised_fn=None, progress=False, callback=None, device=None,
-                eta: float = 0.0) -> torch.Tensor:
+def sample_ddim(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, *, eta: float = 0.0, model_kwargs=None,
+                generator=None, clip_denoised=False, denoised_fn=None, progress=False, callback=None,
+                device=None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12 with sigma_t(eta) of eq. 16):
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev).
@@ -164,7 +174,7 @@ def sample_ddim(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_k
 
 
 @torch.no_grad()
-def ddim_invert(diffusion: GaussianDiffusion, model_fn, x0: torch.Tensor, steps=None, model_kwargs=None,
+def ddim_invert(diffusion: GaussianDiffusion, model_fn, x0: torch.Tensor, steps=None, *, model_kwargs=None,
                 clip_denoised=False, denoised_fn=None, progress=False, callback=None) -> torch.Tensor:
     """Deterministic DDIM run backwards, data -> noise (Song et al. 2021, section 4.3; Dhariwal & Nichol 2021,
     appendix): the Euler step of the probability-flow ODE in (x / a, s / a) coordinates,
@@ -187,9 +197,9 @@ def ddim_invert(diffusion: GaussianDiffusion, model_fn, x0: torch.Tensor, steps=
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, model_kwargs=None, generator=None,
-                    clip_denoised=False, denoised_fn=None, progress=False, callback=None,
-                    device=None) -> torch.Tensor:
+def sample_dpmpp_2m(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, *, eta: float = 0.0,
+                    model_kwargs=None, generator=None, clip_denoised=False, denoised_fn=None, progress=False,
+                    callback=None, device=None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), multistep second order, data (x0) prediction,
     in the discrete-time VP form: alpha_i = sqrt(abar_i), sigma_i = sqrt(1 - abar_i), lambda_i = log(alpha_i/sigma_i).
     Each step from level i to the next lower one (h = lambda_next - lambda_i):
@@ -198,7 +208,7 @@ def sample_dpmpp_2m(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, mod
     The first step and the last two (into the lowest kept step, then to clean data, sigma = 0, which returns that
     step's x0) are first order ("lower_order_final" of the DPM-Solver code): with an evenly strided cosine schedule
     the last lambda gaps are several times the previous ones, and extrapolating x0 over them overshoots.
-    Deterministic; good samples in 15-25 steps. Returns x_0 (B, C, ...)."""
+    Deterministic (``eta`` and ``generator`` are unused); good samples in 15-25 steps. Returns x_0 (B, C, ...)."""
     diff = _schedule(diffusion, steps)
     x = _initial_noise(x_T, generator, device)
     abar = diff.alphas_cumprod.tolist()
@@ -223,3 +233,16 @@ def sample_dpmpp_2m(diffusion: GaussianDiffusion, model_fn, x_T, steps=None, mod
         if callback is not None:
             callback(i, x, x0)
     return x
+
+
+Sampler = Callable[..., torch.Tensor]
+
+#: The samplers by name, all with the signature of the module docstring.
+SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler called ``name`` (a key of :data:`SAMPLERS`); an unknown name is a one-line ValueError."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

@@ -17,6 +17,7 @@ from torch import nn
 
 from unclip_pl.callbacks.image_grid import log_image_grid, to_grid
 from unclip_pl.lit.base import StageModule
+from unclip_pl.sample_settings import DecoderSettings
 
 
 class _GridMixin:
@@ -60,7 +61,8 @@ class DecoderModule(_GridMixin, StageModule):
         channels_last: convert images to channels_last memory format (faster convolutions on GPU).
         sample_every_n_val: log a sample grid on every n-th validation run (0 = never).
         num_grid_items: validation items in the grid (the first ones of the first validation batch).
-        sample_steps / sampler / guidance_scale / eta: grid sampler settings (None = the model's defaults).
+        sample: the stage's ``sample:`` block (steps, sampler, eta, guidance_scale[, invert_steps, variation_eta];
+            ``sample: ${decoder.sample}`` in the config), the sampler settings of the grids.
     """
 
     def __init__(
@@ -74,12 +76,10 @@ class DecoderModule(_GridMixin, StageModule):
         channels_last: bool = False,
         sample_every_n_val: int = 1,
         num_grid_items: int = 8,
-        sample_steps: Any = None,
-        sampler: str | None = None,
-        guidance_scale: float | None = None,
-        eta: float | None = None,
+        sample: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
     ):
-        super().__init__(model, optimizer, warmup_steps, ema_decay, clip)
+        super().__init__(model, optimizer, warmup_steps, ema_decay, clip, run_config=run_config)
         if text_source not in ("own", "clip"):
             raise ValueError(f"text_source must be 'own' or 'clip', got {text_source!r}")
         if text_source == "own" and getattr(model, "text_encoder", None) is None:
@@ -93,8 +93,7 @@ class DecoderModule(_GridMixin, StageModule):
             self.model.to(memory_format=torch.channels_last)
             if self.ema is not None:
                 self.ema.module.to(memory_format=torch.channels_last)
-        self.sample_kwargs = {k: v for k, v in dict(steps=sample_steps, sampler=sampler,
-                                                   guidance_scale=guidance_scale, eta=eta).items() if v is not None}
+        self.sample_settings = DecoderSettings.from_block(sample)
         self._init_grid(sample_every_n_val, num_grid_items)
 
     # ------------------------------------------------------------------ inputs
@@ -137,7 +136,7 @@ class DecoderModule(_GridMixin, StageModule):
         n = items["img_emb"].shape[0]
         with self._autocast():
             return self.eval_model.sample(items["img_emb"].float(), **self._text(items["tokens"]),
-                                          seeds=list(range(n)), **self.sample_kwargs).float()
+                                          seeds=list(range(n)), **self.sample_settings.sampler_kwargs()).float()
 
     def log_samples(self) -> list[str]:
         samples = self.sample_grid_items()

@@ -17,6 +17,7 @@ from torch import nn
 
 from unclip_pl.lit.base import StageModule
 from unclip_pl.metrics.prior_metrics import prior_metrics
+from unclip_pl.sample_settings import PriorSettings
 from unclip_pl.utils.distributed import gather_rows
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class PriorModule(StageModule):
             to fit the per-dimension statistics (skipped when already fitted, e.g. when resuming).
         sample_every_n_val: sample and compute the embedding metrics on every n-th validation run.
         sample_max_batches: sample at most this many validation batches per run (None = all).
-        val_steps / val_sampler / val_eta / val_guidance_scale / val_best_of: sampler settings for validation.
+        sample: the stage's ``sample:`` block (steps, sampler, eta, guidance_scale, best_of; ``sample: ${prior.sample}``
+            in the config), the sampler settings of validation.
     """
 
     def __init__(
@@ -46,18 +48,14 @@ class PriorModule(StageModule):
         normalizer_batches: int = 100,
         sample_every_n_val: int = 1,
         sample_max_batches: int | None = None,
-        val_steps: int = 64,
-        val_sampler: str = "ddim",
-        val_eta: float = 0.0,
-        val_guidance_scale: float = 1.0,
-        val_best_of: int = 2,
+        sample: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
     ):
-        super().__init__(model, optimizer, warmup_steps, ema_decay, clip)
+        super().__init__(model, optimizer, warmup_steps, ema_decay, clip, run_config=run_config)
         self.normalizer_batches = normalizer_batches
         self.sample_every_n_val = max(1, int(sample_every_n_val))
         self.sample_max_batches = sample_max_batches
-        self.val_sample_kwargs = dict(steps=val_steps, sampler=val_sampler, eta=val_eta,
-                                      guidance_scale=val_guidance_scale, best_of=val_best_of)
+        self.sample_settings = PriorSettings.from_block(sample)
         self._val_runs = 0
         self._sample_now = False
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -131,7 +129,8 @@ class PriorModule(StageModule):
         out = model.loss(img_emb, txt_emb, tokens, mask, generator=self._generator(batch_idx))
         self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, batch_size=img_emb.shape[0])
         if self._sample_now and (self.sample_max_batches is None or batch_idx < self.sample_max_batches):
-            pred = model.sample(txt_emb, tokens, mask, generator=self._generator(batch_idx), **self.val_sample_kwargs)
+            pred = model.sample(txt_emb, tokens, mask, generator=self._generator(batch_idx),
+                                **self.sample_settings.sampler_kwargs())
             self._val_outputs.append((pred.float(), img_emb, txt_emb))
 
     def on_validation_epoch_end(self) -> None:

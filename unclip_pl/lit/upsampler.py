@@ -18,6 +18,7 @@ from unclip_pl.callbacks.image_grid import log_image_grid, to_grid
 from unclip_pl.data.pipeline import AddKey
 from unclip_pl.lit.base import StageModule
 from unclip_pl.lit.decoder import _GridMixin
+from unclip_pl.sample_settings import UpsamplerSettings
 
 
 class UpsamplerModule(_GridMixin, StageModule):
@@ -30,7 +31,8 @@ class UpsamplerModule(_GridMixin, StageModule):
         degrade_in_loader: make the corrupted low-res input in the loader workers (``loader_batch_transform``)
             instead of the training step: for BSR, whose per-image loop and CPU JPEG would stall an accelerator.
         sample_every_n_val / num_grid_items: grid logging, as in ``DecoderModule``.
-        sample_steps / sampler / eta: grid sampler settings (None = the model's defaults).
+        sample: the stage's ``sample:`` block (steps, sampler, eta; ``sample: ${upsampler.sample}`` in the config),
+            the sampler settings of the grids.
     """
 
     def __init__(
@@ -42,20 +44,18 @@ class UpsamplerModule(_GridMixin, StageModule):
         channels_last: bool = False,
         sample_every_n_val: int = 1,
         num_grid_items: int = 8,
-        sample_steps: Any = None,
-        sampler: str | None = None,
-        eta: float | None = None,
+        sample: dict[str, Any] | None = None,
         degrade_in_loader: bool = False,
+        run_config: dict[str, Any] | None = None,
     ):
-        super().__init__(model, optimizer, warmup_steps, ema_decay, clip=None)
+        super().__init__(model, optimizer, warmup_steps, ema_decay, clip=None, run_config=run_config)
         self.channels_last = channels_last
         self.degrade_in_loader = bool(degrade_in_loader)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
             if self.ema is not None:
                 self.ema.module.to(memory_format=torch.channels_last)
-        self.sample_kwargs = {k: v for k, v in dict(steps=sample_steps, sampler=sampler, eta=eta).items()
-                              if v is not None}
+        self.sample_settings = UpsamplerSettings.from_block(sample)
         self._init_grid(sample_every_n_val, num_grid_items)
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,8 @@ class UpsamplerModule(_GridMixin, StageModule):
             torch.manual_seed(0)
             low = model.make_low_res(images)
         with self._autocast():
-            samples = model.sample(low, seeds=list(range(low.shape[0])), **self.sample_kwargs).float()
+            samples = model.sample(low, seeds=list(range(low.shape[0])),
+                                   **self.sample_settings.sampler_kwargs()).float()
         return low, samples
 
     def log_samples(self) -> list[str]:

@@ -17,29 +17,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from unclip_pl.diffusion import (GaussianDiffusion, SeededNoise, classifier_free_guidance, ddim_invert,
-                                 initial_noise, sample_ddim, sample_ddpm, sample_dpmpp_2m, step_generator)
-
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-
-
-def run_sampler(diffusion: GaussianDiffusion, model_fn, x_T: torch.Tensor, sampler: str, steps, eta: float = 0.0,
-                generator: torch.Generator | list[torch.Generator] | SeededNoise | None = None,
-                clip_denoised: bool = True, progress: bool = False):
-    """Dispatch to one of the samplers of ``unclip_pl.diffusion.samplers`` (``generator``: one, one per row, or
-    the per-row, per-step ``SeededNoise`` of ``step_generator``, which draws on x's device). Returns x_0 (B, C, H, W).
-    """
-    first = generator[0] if isinstance(generator, (list, tuple)) else generator
-    if isinstance(first, torch.Generator) and first.device != x_T.device:
-        generator = None          # samplers draw step noise on x's device; a CPU generator cannot serve CUDA
-    common = dict(steps=steps, generator=generator, clip_denoised=clip_denoised, progress=progress)
-    if sampler == "ddpm":
-        return sample_ddpm(diffusion, model_fn, x_T, **common)
-    if sampler == "ddim":
-        return sample_ddim(diffusion, model_fn, x_T, eta=eta, **common)
-    if sampler == "dpmpp_2m":
-        return sample_dpmpp_2m(diffusion, model_fn, x_T, **common)
-    raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
+from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, ddim_invert, get_sampler, initial_noise,
+                                 step_generator)
 
 
 class Decoder(nn.Module):
@@ -55,18 +34,17 @@ class Decoder(nn.Module):
         null_clip: "learned" (a trained (D,) vector) or "zeros".
         clip_scale: the CLIP embedding is multiplied by this before the U-Net; None = sqrt(D), so a unit-norm
             embedding has about unit variance per dimension.
-        sample_steps / sampler / guidance_scale / eta: defaults of ``sample``.
+
+    Sampler settings are not part of the model: :meth:`sample` takes them explicitly (the stage's ``sample:``
+    config block holds them, stored in its checkpoint).
     """
 
     def __init__(self, unet: nn.Module, diffusion: GaussianDiffusion, text_encoder: nn.Module | None = None,
                  clip_drop_prob: float = 0.05, text_drop_prob: float = 0.5, null_clip: str = "learned",
-                 clip_scale: float | None = None, sample_steps: Any = 50, sampler: str = "ddim",
-                 guidance_scale: float = 3.0, eta: float = 0.0):
+                 clip_scale: float | None = None):
         super().__init__()
         if null_clip not in ("learned", "zeros"):
             raise ValueError(f"null_clip must be 'learned' or 'zeros', got {null_clip!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
         if getattr(unet, "clip_dim", None) is None:
             raise ValueError("the decoder's U-Net needs clip_dim (the CLIP embedding width)")
         if getattr(unet, "learn_sigma", False) != diffusion.learn_sigma:
@@ -83,7 +61,6 @@ class Decoder(nn.Module):
             self.clip_null = nn.Parameter(torch.zeros(self.clip_dim))
         else:
             self.register_buffer("clip_null", torch.zeros(self.clip_dim), persistent=False)
-        self.sample_steps, self.sampler, self.guidance_scale, self.eta = sample_steps, sampler, guidance_scale, eta
 
     @property
     def image_size(self) -> int:
@@ -148,10 +125,10 @@ class Decoder(nn.Module):
         return {k: v.mean() for k, v in terms.items()}
 
     # ------------------------------------------------------------------ sampling
-    def guided_model(self, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, text: Any = None,
-                     guidance_scale: float | None = None):
-        """model_fn(x, t) with classifier-free guidance (cond and uncond batched in one forward)."""
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+    def guided_model(self, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, text: Any = None, *,
+                     guidance_scale: float):
+        """model_fn(x, t) with classifier-free guidance (cond and uncond batched in one forward; 1 = cond only)."""
+        scale = float(guidance_scale)
         context, mask = self.encode_text(tokens, text)
         cond = self.cond_kwargs(clip_emb, context, mask)
         if scale == 1:
@@ -163,34 +140,36 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, *, text: Any = None,
-               steps: Any = None, sampler: str | None = None, eta: float | None = None,
-               guidance_scale: float | None = None, generator: torch.Generator | None = None,
+               steps: Any, sampler: str, eta: float, guidance_scale: float, generator: torch.Generator | None = None,
                seeds: Sequence[int] | None = None, x_T: torch.Tensor | None = None, image_size: int | None = None,
                progress: bool = False, stream: str = "decoder") -> torch.Tensor:
         """Generate images (B, 3, S, S) in [-1, 1] from clip_emb (B, D) and captions (tokens (B, L) or text states).
+
+        ``steps`` (respacing spec), ``sampler`` (a name of ``unclip_pl.diffusion.SAMPLERS``), ``eta`` and
+        ``guidance_scale``: the sampler settings, usually the stage's ``sample:`` block.
 
         ``seeds`` (one per image) makes image i depend only on seeds[i] (its starting noise, and the step noise of
         ddpm / ddim eta > 0, in the streams of stage ``stream``, see ``unclip_pl.diffusion.seeds``), not on the rest
         of the batch; ``generator`` otherwise (one stream for the batch); ``x_T`` (B, 3, S, S) replaces the starting
         noise (e.g. from ``invert``). The predicted x0 is clipped to [-1, 1] at every step."""
+        sample_fn = get_sampler(sampler)
         B = clip_emb.shape[0]
         size = image_size or self.image_size
         if x_T is None:
             x_T = initial_noise((B, self.unet.in_channels, size, size), clip_emb.device, generator=generator,
                                 seeds=seeds, stage=stream)
-        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale)
-        x = run_sampler(self.diffusion, model_fn, x_T, sampler or self.sampler,
-                        self.sample_steps if steps is None else steps, self.eta if eta is None else eta,
-                        step_generator(seeds, generator, stage=stream), clip_denoised=True, progress=progress)
+        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale=guidance_scale)
+        x = sample_fn(self.diffusion, model_fn, x_T, steps, eta=eta, clip_denoised=True, progress=progress,
+                      generator=step_generator(seeds, generator, x_T.device, stage=stream))
         return x.clamp(-1, 1)
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, *,
-               text: Any = None, steps: Any = 50, guidance_scale: float | None = None) -> torch.Tensor:
+               text: Any = None, steps: Any, guidance_scale: float) -> torch.Tensor:
         """DDIM-invert images (B, 3, S, S) to their starting noise x_T (B, 3, S, S) under this conditioning
         (paper: variations start from it and sample with DDIM, eta > 0). Deterministic; the model function and x0
-        clipping are those of :meth:`sample` (``guidance_scale`` None = the decoder's default, as there), so
+        clipping are those of :meth:`sample`, so
         ``sample(..., sampler="ddim", eta=0, steps=steps, guidance_scale=<the same>, x_T=x_T)`` maps it back to
         the images up to the discretisation error of the ODE."""
-        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale)
+        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale=guidance_scale)
         return ddim_invert(self.diffusion, model_fn, images, steps=steps, clip_denoised=True)

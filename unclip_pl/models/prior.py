@@ -15,17 +15,16 @@ z_t, a conditioning input only, is always fed as z_t * sqrt(D).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, get_betas, initial_noise, sample_ddim,
-                                 sample_ddpm, sample_dpmpp_2m, step_generator)
+from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, get_betas, get_sampler, initial_noise,
+                                 step_generator)
 
 NORMALIZATIONS = ("scale", "standardize")
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 
 
 def select_best_of(candidates: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
@@ -150,16 +149,17 @@ class DiffusionPrior(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, steps=64,
-               sampler: str = "ddim", eta: float = 0.0, guidance_scale: float = 1.0, best_of: int = 2,
-               generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
-               progress: bool = False, use_cache: bool = True, stream: str = "prior") -> torch.Tensor:
-        """Sample image embeddings for captions.
+    def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, *, steps: Any,
+               sampler: str, eta: float, guidance_scale: float, best_of: int,
+               generator: torch.Generator | None = None, seeds: Sequence[int] | None = None, progress: bool = False,
+               use_cache: bool = True, stream: str = "prior") -> torch.Tensor:
+        """Sample image embeddings for captions. The sampler settings (``steps`` .. ``best_of``) are explicit, usually
+        the stage's ``sample:`` block (paper: 64 DDIM steps, best of 2).
 
         Args:
             txt_emb: (B, D) unit-norm z_t; text_tokens: (B, L', W); text_mask: (B, L') bool.
             steps: respacing spec (int or "ddimN" or list) of the 1000 training steps.
-            sampler: "ddim" (with ``eta``), "ddpm" (ancestral) or "dpmpp_2m".
+            sampler: a name of ``unclip_pl.diffusion.SAMPLERS``: "ddim" (with ``eta``), "ddpm", "dpmpp_2m".
             guidance_scale: classifier-free guidance scale (1 = conditional only, no extra pass).
             best_of: N candidates per caption (batched as B*N); the one with the largest dot product with z_t wins.
             generator: torch.Generator on the embeddings' device for every random draw (makes sampling deterministic).
@@ -171,8 +171,7 @@ class DiffusionPrior(nn.Module):
         Returns:
             (B, D) unit-norm predicted image embeddings z_i.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
+        sample_fn = get_sampler(sampler)
         if self.needs_fit:
             raise RuntimeError("normalization='standardize' but fit_normalizer() was never called")
         b, n, device = txt_emb.shape[0], max(1, int(best_of)), txt_emb.device
@@ -202,13 +201,7 @@ class DiffusionPrior(nn.Module):
             model_fn, model_kwargs = classifier_free_guidance(net_fn, guidance_scale, cond, uncond), None
         x_T = initial_noise((b * n, self.embed_dim), device, generator=generator, seeds=seeds, stage=stream,
                             per_seed=n)                                    # (B*N, D), row i*N + j: candidate j
-        common = dict(steps=steps, model_kwargs=model_kwargs, progress=progress,
-                      generator=step_generator(seeds, generator, per_seed=n, stage=stream))
-        if sampler == "ddim":
-            x0 = sample_ddim(self.diffusion, model_fn, x_T, eta=eta, **common)
-        elif sampler == "ddpm":
-            x0 = sample_ddpm(self.diffusion, model_fn, x_T, **common)
-        else:
-            x0 = sample_dpmpp_2m(self.diffusion, model_fn, x_T, **common)
+        x0 = sample_fn(self.diffusion, model_fn, x_T, steps, eta=eta, model_kwargs=model_kwargs, progress=progress,
+                       generator=step_generator(seeds, generator, device, per_seed=n, stage=stream))
         z = self.denormalize(x0).view(b, n, self.embed_dim)             # (B, N, D) unit norm
         return F.normalize(select_best_of(z, txt_emb), dim=-1)

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.diffusion import GaussianDiffusion, initial_noise, step_generator
-from unclip_pl.models.decoder import SAMPLERS, run_sampler
+from unclip_pl.diffusion import GaussianDiffusion, get_sampler, initial_noise, step_generator
 
 
 def random_crop_pair(a: torch.Tensor, b: torch.Tensor, size: int, generator: torch.Generator | None = None):
@@ -69,17 +68,17 @@ class Upsampler(nn.Module):
             training (``unclip_pl.data.degrade.gaussian_blur`` / ``bsr_degrade`` with Hydra ``_partial_``); None = none.
         crop_size: training crop side at the target resolution; default ``image_size // 4`` (paper).
         downsample_mode: interpolation used to make the low-res training input ("bicubic", "area", "bilinear").
-        sample_steps / sampler / eta: defaults of ``sample`` (paper: DDIM 27 and 15 steps).
+
+    Sampler settings are not part of the model: :meth:`sample` takes them explicitly (the stage's ``sample:``
+    config block holds them, stored in its checkpoint; paper: DDIM 27 and 15 steps).
     """
 
     def __init__(self, unet: nn.Module, diffusion: GaussianDiffusion, low_res_size: int, image_size: int | None = None,
                  degradation: Callable[[torch.Tensor], torch.Tensor] | None = None, crop_size: int | None = None,
-                 downsample_mode: str = "bicubic", sample_steps: Any = 27, sampler: str = "ddim", eta: float = 0.0):
+                 downsample_mode: str = "bicubic"):
         super().__init__()
         if getattr(unet, "low_res_channels", 0) <= 0:
             raise ValueError("the upsampler's U-Net needs low_res_channels > 0")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}")
         if getattr(unet, "learn_sigma", False) != diffusion.learn_sigma:
             raise ValueError(f"unet.learn_sigma={unet.learn_sigma} but diffusion.learn_sigma={diffusion.learn_sigma}")
         self.unet = unet
@@ -95,7 +94,6 @@ class Upsampler(nn.Module):
         if self.crop_size % multiple or self.crop_size > self.image_size:
             raise ValueError(f"crop_size {self.crop_size} must be <= image_size and a multiple of {multiple}")
         self.downsample_mode = downsample_mode
-        self.sample_steps, self.sampler, self.eta = sample_steps, sampler, eta
 
     @property
     def low_res_maker(self) -> LowRes:
@@ -127,19 +125,19 @@ class Upsampler(nn.Module):
         return {k: v.mean() for k, v in terms.items()}
 
     @torch.no_grad()
-    def sample(self, low_res: torch.Tensor, steps: Any = None, sampler: str | None = None, eta: float | None = None,
+    def sample(self, low_res: torch.Tensor, *, steps: Any, sampler: str, eta: float,
                generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
                x_T: torch.Tensor | None = None, progress: bool = False, stream: str = "upsampler0") -> torch.Tensor:
         """low_res (B, 3, h, w) in [-1, 1] -> (B, 3, h * scale, w * scale) in [-1, 1] (any h, w that make the
         output a multiple of the U-Net's down-sampling factor). ``seeds``: one per image, its noise drawn in the
-        streams of stage ``stream`` (the pipeline's upsampler j uses ``"upsampler<j>"``)."""
+        streams of stage ``stream`` (the pipeline's upsampler j uses ``"upsampler<j>"``). ``steps`` / ``sampler`` (a
+        name of ``unclip_pl.diffusion.SAMPLERS``) / ``eta``: the sampler settings, usually the ``sample:`` block."""
+        sample_fn = get_sampler(sampler)
         B, C, h, w = low_res.shape
         if x_T is None:
             x_T = initial_noise((B, self.unet.in_channels, h * self.scale, w * self.scale), low_res.device,
                                 generator=generator, seeds=seeds, stage=stream)
         cond = {"low_res": low_res.clamp(-1, 1)}
-        x = run_sampler(self.diffusion, lambda x, t: self.unet(x, t, **cond), x_T, sampler or self.sampler,
-                        self.sample_steps if steps is None else steps, self.eta if eta is None else eta,
-                        step_generator(seeds, generator, stage=stream),
-                        clip_denoised=True, progress=progress)
+        x = sample_fn(self.diffusion, lambda x, t: self.unet(x, t, **cond), x_T, steps, eta=eta, clip_denoised=True,
+                      progress=progress, generator=step_generator(seeds, generator, x_T.device, stage=stream))
         return x.clamp(-1, 1)
