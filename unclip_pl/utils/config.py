@@ -145,10 +145,16 @@ def accepted(target: Any, offered: dict[str, Any]) -> dict[str, Any]:
 
 def build_accepting(node: DictConfig, what: str, required: dict[str, Any] | None = None, **offered: Any) -> Any:
     """:func:`build` with the ``required`` keyword arguments, and those of ``offered`` that the target's constructor
-    declares."""
+    declares. These are run-time objects (a model, a tokenizer, the resolved run config) and are passed as they are:
+    the block is instantiated as a partial and then called with them, because ``instantiate(node, **kwargs)`` would
+    merge them into the config and build every ``_target_`` inside them (the run config is full of those)."""
     try:
         target = get_object(node._target_)
     except Exception as e:  # noqa: BLE001 - a misspelt _target_: one line naming the block
         raise ConfigError(f"Could not build {what}: cannot import _target_ {node._target_!r} ({first_line(e)})") \
             from None
-    return build(node, what, **(required or {}), **accepted(target, offered))
+    factory = build(node, what, _partial_=True)
+    try:
+        return factory(**(required or {}), **accepted(target, offered))
+    except Exception as e:  # noqa: BLE001 - as instantiate does: any constructor failure names the block
+        raise ConfigError(f"Could not build {what} ({node._target_}): {first_line(e)}") from e

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Iterable
 
-from hydra._internal.utils import _locate
+from hydra.utils import get_object
 from torch import nn
 
 
@@ -14,7 +14,7 @@ def classes(names: Iterable[str]) -> set[type[nn.Module]]:
     ``FSDPStrategy(auto_wrap_policy=..., activation_checkpointing_policy=...)`` accepts."""
     out = set()
     for name in names:
-        cls = _locate(name)
+        cls = get_object(name)
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise TypeError(f"{name} is not an nn.Module class")
         out.add(cls)
