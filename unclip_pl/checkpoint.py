@@ -251,13 +251,34 @@ def _legacy_entry(obj: dict[str, Any]) -> dict[str, Any]:
     """The entry of a file written before the format had one (version 1): an ``unclip_pl.stage/1`` export or a
     Lightning checkpoint with only the run config ``cfg``."""
     if obj.get("format") == LEGACY_EXPORT_FORMAT:
-        return {**_entry(obj["stage"], obj["cfg"], obj.get("clip")), "weights": obj.get("which", "ema")}
+        block = _upgrade_v1_block(obj["stage"], obj["cfg"])
+        return {**_entry(obj["stage"], block, obj.get("clip")), "weights": obj.get("which", "ema")}
     if not obj.get("cfg"):
         raise CheckpointError("the checkpoint has no 'cfg' entry (the resolved run config that unclip_pl.train "
                               "stores): cannot rebuild its model")
     cfg = _to_plain(obj["cfg"])
     stage = checkpoint_stage(cfg)
-    return _entry(stage, cfg[stage], cfg.get("clip"))
+    return _entry(stage, _upgrade_v1_block(stage, cfg[stage]), cfg.get("clip"))
+
+
+#: Sampler settings that version-1 model configs repeated from the stage's ``sample:`` block.
+_V1_MODEL_SAMPLER_KEYS = ("sample_steps", "sampler", "guidance_scale", "eta")
+
+
+def _upgrade_v1_block(stage: str, block: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 stage block in today's shape: the model config loses its copies of the sampler settings (the
+    ``sample:`` block holds the same values), the decoder's ``sample:`` block gets the inversion settings that were
+    then pipeline defaults (50 steps, eta 0.5), and ``text_encoder: own|clip`` is called ``text_source``."""
+    block = dict(block)
+    module = dict(block.get("module") or {})
+    if isinstance(module.get("model"), dict):
+        module["model"] = {k: v for k, v in module["model"].items() if k not in _V1_MODEL_SAMPLER_KEYS}
+        block["module"] = module
+    if stage == "decoder":
+        block["sample"] = {"invert_steps": 50, "variation_eta": 0.5, **(block.get("sample") or {})}
+        if isinstance(block.get("text_encoder"), str):
+            block["text_source"] = block.pop("text_encoder")
+    return block
 
 
 def stage_weights(state_dict: dict[str, torch.Tensor], which: str = "ema") -> tuple[dict[str, torch.Tensor], str]:

@@ -85,14 +85,21 @@ def perturb_(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.M
     return model
 
 
-def write_lightning_ckpt(path: Path, cfg: dict, model: torch.nn.Module, ema_model: torch.nn.Module | None = None):
-    """The layout StageModule checkpoints have (plus a few Lightning entries)."""
+def write_lightning_ckpt(path: Path, cfg: dict, model: torch.nn.Module, ema_model: torch.nn.Module | None = None,
+                         entry: bool = True):
+    """The layout StageModule checkpoints have (plus a few Lightning entries); ``entry=False``: a file from before
+    the ``unclip_pl`` format entry (format version 1, the run config ``cfg`` only)."""
+    from unclip_pl.checkpoint import stage_entry
+
     ema_model = ema_model if ema_model is not None else model
     sd = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
     sd.update({f"ema.module.{k}": v.clone() for k, v in ema_model.state_dict().items()})
     sd["ema.num_updates"] = torch.tensor(7)
-    torch.save({"epoch": 0, "global_step": 7, "pytorch-lightning_version": "2.x", "state_dict": sd,
-                "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [], "cfg": cfg}, path)
+    ckpt = {"epoch": 0, "global_step": 7, "pytorch-lightning_version": "2.x", "state_dict": sd,
+            "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [], "cfg": cfg}
+    if entry:
+        ckpt["unclip_pl"] = stage_entry(cfg)
+    torch.save(ckpt, path)
     return path
 
 

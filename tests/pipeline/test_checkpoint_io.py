@@ -14,7 +14,7 @@ from .conftest import PRIOR_MODEL, build, run_cfg, stage_cfg, write_lightning_ck
 
 def test_load_stage_ema_and_model(tiny):
     ck = read_checkpoint(tiny["prior"])
-    loaded = load_stage(tiny["prior"], which="ema")  # a file from before the format entry (cfg only)
+    loaded = load_stage(tiny["prior"], which="ema")
     assert isinstance(loaded, LoadedStage) and loaded.stage == "prior" and loaded.path == str(tiny["prior"])
     assert loaded.cfg == tiny["prior_cfg"] and loaded.sample == tiny["prior_cfg"]["sample"]
     assert loaded.clip["embed_dim"] == 16
@@ -155,10 +155,30 @@ def test_legacy_export_file_still_loads(tiny, tmp_path):
     torch.save({"format": "unclip_pl.stage/1", "stage": "decoder", "cfg": ck["cfg"]["decoder"],
                 "clip": ck["cfg"]["clip"], "which": "ema", "state_dict": weights}, old)
     loaded = load_stage(old, stage="decoder")
-    assert loaded.sample == tiny["decoder_cfg"]["sample"] and loaded.clip == ck["cfg"]["clip"]
+    # version 1 had the inversion steps as a pipeline default (50): the upgraded block carries it
+    assert loaded.sample == {"invert_steps": 50, **tiny["decoder_cfg"]["sample"]} and loaded.clip == ck["cfg"]["clip"]
     assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
     new = torch.load(export_weights(old, tmp_path / "new.pt"), weights_only=True)
     assert new["unclip_pl"]["format"] == FORMAT and new["unclip_pl"]["stage"] == "decoder"
+
+
+def test_version_1_configs_are_upgraded(tiny, tmp_path):
+    """Version-1 run configs repeated the sampler settings in the model config (``sample_steps``, ``sampler``,
+    ``guidance_scale``, ``eta``, which the models no longer take) and named the decoder's text option
+    ``text_encoder``: such a checkpoint still builds, its ``sample:`` block unchanged but for the inversion
+    defaults of that version."""
+    ck = read_checkpoint(tiny["decoder"])
+    cfg = copy.deepcopy(ck["cfg"])
+    block = cfg["decoder"]
+    block["module"]["model"].update(sample_steps=9, sampler="ddpm", guidance_scale=4.0, eta=0.3)
+    block["text_encoder"] = "own"
+    block["sample"].pop("variation_eta")
+    old = write_lightning_ckpt(tmp_path / "v1.ckpt", cfg, build(tiny["decoder_cfg"]["module"]["model"]), entry=False)
+    loaded = load_stage(old, stage="decoder")
+    assert type(loaded.model).__name__ == "Decoder"
+    assert loaded.sample == {**tiny["decoder_cfg"]["sample"], "invert_steps": 50, "variation_eta": 0.5}
+    assert loaded.cfg["text_source"] == "own" and "text_encoder" not in loaded.cfg
+    assert "sample_steps" not in loaded.cfg["module"]["model"]
 
 
 class _Payload:
