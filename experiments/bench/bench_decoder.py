@@ -114,7 +114,7 @@ def bench_decoder_sample(args, device, compile_net) -> dict:
 
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            model.sample(emb, text=text, steps=args.sample_steps, sampler="ddim", guidance_scale=3.0,
+            model.sample(emb, text=text, steps=args.sample_steps, sampler="ddim", eta=0.0, guidance_scale=3.0,
                          generator=torch.Generator(device=device).manual_seed(0))
 
     reset_peak(device)

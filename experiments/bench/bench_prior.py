@@ -84,7 +84,8 @@ def bench_sample(args, device: torch.device, compile_net: bool) -> dict:
 
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            model.sample(txt, tok, mask, steps=args.sample_steps, sampler="ddim", best_of=1)
+            model.sample(txt, tok, mask, steps=args.sample_steps, sampler="ddim", eta=0.0, guidance_scale=1.0,
+                         best_of=1)
 
     sec = timed(run, args.sample_iters, 1 if device.type == "cuda" else 0, device)
     flops = None

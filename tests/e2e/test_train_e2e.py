@@ -68,13 +68,14 @@ def test_prior_trains_checkpoints_reloads_and_samples(emoji_root, tiny_clip, tmp
     assert not any(k.startswith("clip.") for k in ckpt["state_dict"]), "frozen CLIP weights are not checkpointed"
     assert ckpt["global_step"] == 4
 
-    from unclip_pl.checkpoint_io import load_stage
+    from unclip_pl.checkpoint import load_stage
     from unclip_pl.clip.frozen import load_clip
 
-    prior = load_stage(last)
+    prior = load_stage(last).model
     clip = load_clip("unclip-tiny", checkpoint=str(tiny_clip))
     enc = clip.encode_text(clip.tokenize(["grinning face", "red heart"]))
-    z = prior.sample(enc.emb, enc.tokens, enc.mask, steps=4, best_of=2, generator=torch.Generator().manual_seed(0))
+    z = prior.sample(enc.emb, enc.tokens, enc.mask, steps=4, sampler="ddim", eta=0.0, guidance_scale=1.0, best_of=2,
+                     generator=torch.Generator().manual_seed(0))
     assert z.shape == (2, 32)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(2))
 
