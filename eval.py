@@ -50,8 +50,7 @@ def split_urls(cfg: DictConfig) -> dict[str, Any]:
     """{"train": urls, "val": urls} of the configured data module (prepares the emoji shards if needed)."""
     from hydra.utils import instantiate
 
-    dm = instantiate(cfg.data)
-    dm.needs = ("image", "txt")
+    dm = instantiate(cfg.data, needs=("image", "txt"))
     dm.setup("validate")
     return {"train": dm.train_urls, "val": dm.val_urls}
 

@@ -78,17 +78,18 @@ class UnCLIPPipeline:
         settings: ``PipelineSettings`` (or a dict of it): every used stage's sampler settings, in full (there are
             no defaults here; :meth:`from_checkpoints` takes them from each checkpoint's stored ``sample:`` block).
         device: where to run (default: the decoder's device).
+        sources: where the stages came from (checkpoint paths, weights used, CLIP), written beside sampled images.
     """
 
     def __init__(self, clip: nn.Module, prior: nn.Module | None, decoder: nn.Module,
                  upsamplers: Sequence[nn.Module] = (), settings: PipelineSettings | dict | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, sources: dict[str, Any] | None = None):
         self.clip = clip
         self.prior = prior
         self.decoder = decoder
         self.upsamplers = list(upsamplers)
         self.settings = settings if isinstance(settings, PipelineSettings) else PipelineSettings.from_dict(settings)
-        self.sources: dict[str, Any] = {}  # checkpoint paths (filled by from_checkpoints)
+        self.sources: dict[str, Any] = dict(sources or {})  # where the stages came from (recorded with the images)
         clip_dim = getattr(decoder, "clip_dim", None)
         if clip_dim is not None and int(clip_dim) != int(clip.embed_dim):
             raise ValueError(f"the decoder expects CLIP embeddings of width {clip_dim} but the CLIP has "
@@ -132,12 +133,11 @@ class UnCLIPPipeline:
         if not isinstance(settings, PipelineSettings):
             settings = resolve_settings(settings, pri.sample if pri is not None else None, dec.sample,
                                         [u.sample for u in ups])
-        pipe = cls(clip_model, pri.model if pri is not None else None, dec.model, [u.model for u in ups], settings,
-                   device=device)
-        pipe.sources = {"prior": prior, "decoder": decoder, "upsamplers": list(upsamplers or []), "which": which,
-                        "clip": getattr(clip_model, "model_name", None),
-                        "clip_fingerprint": getattr(clip_model, "fingerprint", None)}
-        return pipe
+        sources = {"prior": prior, "decoder": decoder, "upsamplers": list(upsamplers or []), "which": which,
+                   "clip": getattr(clip_model, "model_name", None),
+                   "clip_fingerprint": getattr(clip_model, "fingerprint", None)}
+        return cls(clip_model, pri.model if pri is not None else None, dec.model, [u.model for u in ups], settings,
+                   device=device, sources=sources)
 
     @property
     def image_size(self) -> int:

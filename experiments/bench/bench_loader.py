@@ -158,7 +158,7 @@ def main() -> None:
         SECTION,
         "",
         f"`python experiments/bench/bench_loader.py` on a {cpu}, torch {torch.__version__.split('+')[0]}, "
-        f"batch 64, the training pipeline of `unclip_pl.data.shards.build_pipeline` (shard + sample shuffle, "
+        f"batch 64, the training pipeline of `unclip_pl.data.pipeline.build_pipeline` (shard + sample shuffle, "
         f"tar parsing, decode, shorter-side resize, crop, normalise to [-1, 1] float32). Workers = DataLoader "
         f"workers (0 = in the main process). The first batch (start-up) is not timed. Target: >= 1,000 "
         f"samples/s per worker at 64x64.",
