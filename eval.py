@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint set on the val (and train) split: `python eval.py checkpoints.decoder=D.ckpt checkpoints.prior=P.ckpt`.
+"""Evaluate a checkpoint set on the val (and train) split:
+`python eval.py checkpoints.decoder=D.ckpt checkpoints.prior=P.ckpt`.
 
 For each split: the real images and their captions (the whole split, or a seeded random subset of at most
 ``max_samples.<split>`` drawn across all of its shards), then, per variant, generated images for the same captions
@@ -25,9 +26,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ float64 and cast back to the input dtype.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -16,15 +16,21 @@ states are masked out exactly as the caption dropout does in training.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unclip_pl.interp import slerp_path, text_diff_path
-from unclip_pl.sample_settings import (DecoderSettings, PipelineSettings, PriorSettings, UpsamplerSettings,
-                                       resolve_settings)
+from unclip_pl.sample_settings import (
+    DecoderSettings,
+    PipelineSettings,
+    PriorSettings,
+    UpsamplerSettings,
+    resolve_settings,
+)
 
 __all__ = ["DecoderSettings", "PipelineSettings", "PriorSettings", "UnCLIPPipeline", "UpsamplerSettings",
            "load_pipeline_clip", "resolve_settings", "stage_stream"]
@@ -102,7 +108,7 @@ class UnCLIPPipeline:
         self.to(device)
 
     # ------------------------------------------------------------------ construction
-    def to(self, device: str | torch.device) -> "UnCLIPPipeline":
+    def to(self, device: str | torch.device) -> UnCLIPPipeline:
         self.device = torch.device(device)
         for m in [self.clip, self.prior, self.decoder, *self.upsamplers]:
             if m is not None:
@@ -112,7 +118,7 @@ class UnCLIPPipeline:
     @classmethod
     def from_checkpoints(cls, clip: Any = None, prior: str | None = None, decoder: str | None = None,
                          upsamplers: Sequence[str] = (), settings: PipelineSettings | dict | None = None,
-                         which: str = "ema", device: str | torch.device = "cpu") -> "UnCLIPPipeline":
+                         which: str = "ema", device: str | torch.device = "cpu") -> UnCLIPPipeline:
         """Load each stage from a Lightning checkpoint or an exported weights file (``unclip_pl.checkpoint``).
 
         ``clip``: a FrozenCLIP, a ``clip.loader`` config (dict with ``_target_``), or None for the loader stored in

@@ -9,8 +9,9 @@ its stored block, overridden key by key only by what the user sets explicitly (`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 from unclip_pl.diffusion import get_sampler
 
@@ -25,7 +26,7 @@ class _StageSettings:
         return {k: getattr(self, k) for k in self.MODEL_KEYS}
 
     @classmethod
-    def from_block(cls, block: dict[str, Any] | None) -> "_StageSettings":
+    def from_block(cls, block: dict[str, Any] | None) -> _StageSettings:
         """From a ``sample:``-shaped dict: an unknown key, or a missing or null required one, is a one-line
         ValueError naming the stage and the keys."""
         block = dict(_plain(block) or {})
@@ -89,7 +90,7 @@ class PipelineSettings:
     progress: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | Any) -> "PipelineSettings":
+    def from_dict(cls, d: dict[str, Any] | Any) -> PipelineSettings:
         """Build from a plain dict / DictConfig shaped like this class (unknown keys raise, naming them)."""
         d = dict(_plain(d) or {})
         if d.get("decoder") is None:

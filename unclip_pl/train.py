@@ -23,8 +23,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from unclip_pl.data.datamodule import DEFAULT_BATCH_SIZE
 from unclip_pl.checkpoint import STAGES, CheckpointError, check_fits, last_checkpoint, verify_checkpoint
+from unclip_pl.data.datamodule import DEFAULT_BATCH_SIZE
 from unclip_pl.utils.config import ConfigError, build, build_accepting, check_config
 from unclip_pl.utils.gitinfo import git_commit
 from unclip_pl.utils.runid import persistent_run_id
@@ -113,8 +113,8 @@ def train_clip(cfg: DictConfig) -> Path:
     """Step 1: train the small CLIP (:func:`clip_run_config`) and copy it to the cache when the run is complete.
     Returns the file the stage loads: the cache, or the run's own ``clip.pt`` after a shorter run (``debug=fast``),
     which serves this run alone and leaves the cache empty."""
-    from unclip_pl.clip.small import describe_training, read_training_record
     from unclip_pl.checkpoint import atomic_save
+    from unclip_pl.clip.small import describe_training, read_training_record
 
     cache = Path(cfg.clip.loader.checkpoint)
     clip_cfg = clip_run_config(cfg)

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchlib import device_name, matmul_peak, timed, write_section  # this folder (scripts run as files)
 from torch.utils.flop_counter import FlopCounterMode
 
 from unclip_pl.diffusion import GaussianDiffusion, get_betas
 from unclip_pl.models.decoder import Decoder
 from unclip_pl.models.upsampler import Upsampler
 from unclip_pl.nets.unet import UNet
-from benchlib import device_name, matmul_peak, timed, write_section  # this folder (scripts run as files)
 
 SECTION = "## Decoder and upsamplers"
 HERE = Path(__file__).resolve().parent

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchlib import device_name, matmul_peak, timed, write_section  # this folder (scripts run as files)
 from torch.utils.flop_counter import FlopCounterMode
 
 from unclip_pl.models.prior import DiffusionPrior
 from unclip_pl.nets.prior import PriorTransformer
-from benchlib import device_name, matmul_peak, timed, write_section  # this folder (scripts run as files)
 
 SECTION = "## Diffusion prior"
 HERE = Path(__file__).resolve().parent

@@ -45,7 +45,7 @@ class Done:
     stderr: str
     seconds: float
 
-    def check(self) -> "Done":
+    def check(self) -> Done:
         """Assert exit 0 (the message shows the command and the end of its output), and that the command named no
         path in the repository's logs/ or data/cache/ (it wrote under PROJECT_ROOT)."""
         assert self.returncode == 0, (f"`{' '.join(self.args)}` exited {self.returncode}\n--- stdout\n"

@@ -27,7 +27,8 @@ def tiny_clip_overrides(ckpt: Path) -> list[str]:
             "clip.train.module.warmup_steps=1"]
 
 
-FAST = ["trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.every_n_train_steps=2", "logger=csv"]
+FAST = ["trainer.log_every_n_steps=1", "trainer.check_val_every_n_epoch=1",
+        "callbacks.checkpoint.every_n_train_steps=2", "logger=csv"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_decoder_and_upsampler_train(emoji_root, tiny_clip, tmp_path):
                    "decoder.image_size=16", f"{unet}.model_channels=16", f"{unet}.channel_mult=[1,2]",
                    f"{unet}.num_res_blocks=1", f"{unet}.attention_resolutions=[8]", f"{unet}.num_head_channels=16",
                    "decoder.text_width=32", "decoder.module.model.text_encoder.layers=1",
-                   "trainer.max_epochs=1", "trainer.limit_train_batches=3", "decoder.sample.steps=3", "decoder.module.num_grid_items=2"],
+                   "trainer.max_epochs=1", "trainer.limit_train_batches=3", "decoder.sample.steps=3",
+                   "decoder.module.num_grid_items=2"],
                   tmp_path / "decoder")
     metrics = run(cfg)
     assert "val/loss" in metrics
@@ -95,7 +97,8 @@ def test_decoder_and_upsampler_train(emoji_root, tiny_clip, tmp_path):
     unet = "upsampler.module.model.unet"
     cfg = compose(["upsampler=emoji", *data_overrides(emoji_root), *FAST, "upsampler.image_size=32",
                    "upsampler.low_res_size=16", f"{unet}.model_channels=16", f"{unet}.channel_mult=[1,2]",
-                   f"{unet}.num_res_blocks=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "upsampler.sample.steps=3",
+                   f"{unet}.num_res_blocks=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                   "upsampler.sample.steps=3",
                    "upsampler.module.num_grid_items=2",
                    "upsampler.module.degrade_in_loader=true"],  # low-res made by the loader (in-step: unit tests)
                   tmp_path / "upsampler")

@@ -12,7 +12,8 @@ OPS = Path(__file__).resolve().parent
 OPS_CONF = OPS / "conf"
 #: The tiny stage, its in-memory data and a CLIP stub (the stage needs none).
 BASE = [f"hydra.searchpath=[file://{OPS_CONF}]", "prior=ops_tiny", "data=ops_tiny", "clip=ops_stub",
-        "trainer.log_every_n_steps=1", "+trainer.enable_model_summary=false", "~callbacks.progress", "+trainer.enable_progress_bar=false"]
+        "trainer.log_every_n_steps=1", "+trainer.enable_model_summary=false", "~callbacks.progress",
+        "+trainer.enable_progress_bar=false"]
 
 
 def compose_ops(overrides: list[str], output_dir: Path | str):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from ops_helpers import compose_ops, run_cli
 
-from unclip_pl.train import fit
 from unclip_pl.checkpoint import verify_checkpoint
+from unclip_pl.train import fit
 
 STEPS = 6
 

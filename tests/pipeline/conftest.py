@@ -69,8 +69,9 @@ def stage_cfg(name: str, model: dict, sample: dict) -> dict:
 
 def run_cfg(clip_path: Path, stage: str, block: dict) -> dict:
     cfg = {"stage": None, "prior": None, "decoder": None, "upsampler": None, "seed": 0,
-           "clip": {"name": "tiny", "loader": {"_target_": "unclip_pl.clip.frozen.load_clip", "model_name": "unclip-tiny",
-                                               "pretrained": None, "checkpoint": str(clip_path)},
+           "clip": {"name": "tiny",
+                    "loader": {"_target_": "unclip_pl.clip.frozen.load_clip", "model_name": "unclip-tiny",
+                               "pretrained": None, "checkpoint": str(clip_path)},
                     "embed_dim": D, "text_width": W, "context_length": 77, "image_size": IMG}}
     cfg[stage] = block
     return cfg

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import UP, compose
-
 import eval as eval_script  # noqa: E402  (repository root, put on sys.path by conftest)
+
+from .conftest import UP, compose
 
 
 def _png(seed: int) -> bytes:
@@ -162,8 +162,8 @@ def test_bad_judge_is_one_clear_error(tmp_path, tiny):
 def test_eval_callback_logs_metrics(tiny):
     """The callback collects a fixed val set, decodes it with the module's eval model and computes the metrics."""
     from unclip_pl.callbacks.eval_metrics import EvalMetricsCallback
-    from unclip_pl.sample_settings import DecoderSettings
     from unclip_pl.checkpoint import load_stage
+    from unclip_pl.sample_settings import DecoderSettings
 
     class FakeModule(torch.nn.Module):
         def __init__(self):

@@ -10,10 +10,15 @@ import torch
 import torch.multiprocessing as mp
 
 from unclip_pl.metrics.clip_score import caption_retrieval, cosine_scores
-from .dist_worker import rank_main as _rank_main
 from unclip_pl.metrics.diversity import diversity_by_group, mean_pairwise_distance
-from unclip_pl.metrics.fid import (frechet_distance, frechet_distance_features,
-                                   inception_weights_status, trace_sqrt_product)
+from unclip_pl.metrics.fid import (
+    frechet_distance,
+    frechet_distance_features,
+    inception_weights_status,
+    trace_sqrt_product,
+)
+
+from .dist_worker import rank_main as _rank_main
 
 
 def _feats(n, d, seed, shift=0.0, scale=1.0):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import D, GAUSS, IMG, ROOT, UP, build, compose, decoder_model, perturb_
+import sample  # noqa: E402  (repository root, put on sys.path by conftest)
 from unclip_pl.diffusion import ddim_invert, sample_ddim
 from unclip_pl.pipeline import UnCLIPPipeline, stage_stream
 
-import sample  # noqa: E402  (repository root, put on sys.path by conftest)
+from .conftest import GAUSS, IMG, ROOT, UP, D, build, compose, decoder_model, perturb_
 
 
 def grid_size(n: int, nrow: int, side: int, pad: int = 2) -> tuple[int, int]:

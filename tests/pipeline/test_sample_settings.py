@@ -5,10 +5,20 @@ import copy
 import pytest
 import torch
 
-from .conftest import (PRIOR_MODEL, UPSAMPLER_MODEL, build, compose, decoder_model, perturb_, run_cfg, stage_cfg,
-                       write_lightning_ckpt)
 from unclip_pl.pipeline import UnCLIPPipeline
 from unclip_pl.sample_settings import DecoderSettings, PipelineSettings, resolve_settings
+
+from .conftest import (
+    PRIOR_MODEL,
+    UPSAMPLER_MODEL,
+    build,
+    compose,
+    decoder_model,
+    perturb_,
+    run_cfg,
+    stage_cfg,
+    write_lightning_ckpt,
+)
 
 DEC_SAMPLE = {"steps": 7, "sampler": "ddim", "eta": 0.0, "guidance_scale": 2.0}
 UP_SAMPLE = {"steps": 5, "sampler": "ddim", "eta": 0.0}

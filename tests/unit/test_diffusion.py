@@ -134,7 +134,7 @@ def test_learned_variance_interpolates():
     d = GaussianDiffusion(get_betas("cosine", 100), learn_sigma=True, loss="hybrid")
     xt, t = torch.randn(2, 3, 4, 4), torch.tensor([10, 60])
     for v, name in ((-1.0, "post_log_var"), (1.0, "log_betas")):
-        out = d.p_mean_variance(lambda x, t: torch.cat([x, torch.full_like(x, v)], 1), xt, t)
+        out = d.p_mean_variance(lambda x, t, v=v: torch.cat([x, torch.full_like(x, v)], 1), xt, t)
         assert torch.allclose(out["log_var"], d.gather(name, t, xt).expand_as(xt), atol=1e-6)
         assert out["mean"].shape == xt.shape
 

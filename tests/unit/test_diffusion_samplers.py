@@ -4,8 +4,16 @@ import math
 import pytest
 import torch
 
-from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, ddim_invert, get_betas, sample_ddim,
-                                 sample_ddpm, sample_dpmpp_2m, space_timesteps)
+from unclip_pl.diffusion import (
+    GaussianDiffusion,
+    classifier_free_guidance,
+    ddim_invert,
+    get_betas,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    space_timesteps,
+)
 
 TARGETS = ["eps", "x0", "v"]
 SHAPE = (3, 2, 4, 4)
@@ -133,7 +141,10 @@ def test_sampler_model_calls_use_original_timesteps():
 
 def test_denoised_fn_and_clip_applied():
     d = GaussianDiffusion(get_betas("cosine", 1000), target="x0")
-    model = lambda x, t: torch.full_like(x, 3.0)
+
+    def model(x, t):
+        return torch.full_like(x, 3.0)
+
     out = sample_ddim(d, model, (2, 3), steps=5, clip_denoised=True)
     assert torch.allclose(out, torch.ones(2, 3))
     out = sample_dpmpp_2m(d, model, (2, 3), steps=5, denoised_fn=lambda x0: x0 * 0 - 0.5)

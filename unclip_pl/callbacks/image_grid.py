@@ -8,8 +8,9 @@ modules at validation time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torchvision.utils import make_grid, save_image

@@ -10,8 +10,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.clip.frozen import (encode_text_tokens, loader_tokenizer, model_image_size, preprocess_images,
-                                   tokenizer_for)
+from unclip_pl.clip.frozen import (
+    encode_text_tokens,
+    loader_tokenizer,
+    model_image_size,
+    preprocess_images,
+    tokenizer_for,
+)
 from unclip_pl.clip.small import DEFAULT_SMALL, SMALL_CLIP_CONFIGS, build_from_config, small_clip_config
 from unclip_pl.utils.distributed import gather_counts, gather_rows, is_distributed
 

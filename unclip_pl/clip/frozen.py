@@ -19,9 +19,10 @@ import logging
 import os
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import open_clip
 import torch
@@ -29,8 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip_pl.clip.small import SMALL_CLIP_CONFIGS, build_from_config, describe_training, register_small_clips
-from unclip_pl.clip.text import (TRIM_MULTIPLE, TrimmingTokenizer, UnsupportedTextTower, can_trim,  # noqa: F401
-                                 device_of, encode_text_tokens, loader_tokenizer, text_tower, trim_tokens)
+from unclip_pl.clip.text import (  # noqa: F401
+    TRIM_MULTIPLE,
+    TrimmingTokenizer,
+    UnsupportedTextTower,
+    can_trim,
+    device_of,
+    encode_text_tokens,
+    loader_tokenizer,
+    text_tower,
+    trim_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +127,7 @@ class FrozenCLIP(nn.Module):
         self._fingerprint: str | None = None
 
     # -- frozen ---------------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "FrozenCLIP":
+    def train(self, mode: bool = True) -> FrozenCLIP:
         """Always stays in eval mode (a parent's ``.train()`` must not switch on dropout etc.)."""
         return super().train(False)
 

@@ -5,7 +5,8 @@ Shared by :class:`unclip_pl.clip.frozen.FrozenCLIP` and the contrastive trainer 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -2,8 +2,17 @@
 from .gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .guidance import classifier_free_guidance
 from .respace import space_timesteps
-from .samplers import (SAMPLERS, SeededNoise, ddim_invert, get_sampler, initial_noise, sample_ddim, sample_ddpm,
-                       sample_dpmpp_2m, step_generator)
+from .samplers import (
+                       SAMPLERS,
+                       SeededNoise,
+                       ddim_invert,
+                       get_sampler,
+                       initial_noise,
+                       sample_ddim,
+                       sample_ddpm,
+                       sample_dpmpp_2m,
+                       step_generator,
+)
 from .schedule import get_betas
 from .seeds import derive_seed, row_seeds, stream_name
 

@@ -20,7 +20,7 @@ Common arguments:
         in the respaced schedule (counting down), x the new sample and x0 the prediction used for it.
 """
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

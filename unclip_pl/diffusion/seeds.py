@@ -11,7 +11,7 @@ depends on its own seed alone, so any image of a grid regenerates from its capti
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 #: what a stream's draws are for: the starting noise, or the step noise of the stochastic samplers
 PURPOSES = ("x_T", "noise")

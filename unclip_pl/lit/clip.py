@@ -9,7 +9,8 @@ with a record of how the CLIP was trained (steps, epochs, val retrieval, data; a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

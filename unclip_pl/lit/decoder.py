@@ -9,8 +9,9 @@ with ``unclip_pl.callbacks.image_grid`` (row 1: the real images, row 2: decoded 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -10,7 +10,8 @@ for the captions, gathers predictions across steps and ranks, and logs the metri
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -6,7 +6,7 @@ automatic proxy. Distance = 1 - cosine between unit-norm CLIP image embeddings (
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

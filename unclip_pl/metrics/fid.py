@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -185,7 +186,7 @@ class InceptionFID:
 
     @classmethod
     def create(cls, weights_path: str | os.PathLike | None = None, feature: int = 2048,
-               device: str | torch.device = "cpu") -> tuple["InceptionFID | None", str]:
+               device: str | torch.device = "cpu") -> tuple[InceptionFID | None, str]:
         path, reason = inception_weights_status(weights_path)
         if path is None:
             return None, reason

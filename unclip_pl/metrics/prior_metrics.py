@@ -6,7 +6,7 @@ image among the validation images with the predicted z_i beats retrieving it wit
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

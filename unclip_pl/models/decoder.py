@@ -12,13 +12,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, ddim_invert, get_sampler, initial_noise,
-                                 step_generator)
+from unclip_pl.diffusion import (
+    GaussianDiffusion,
+    classifier_free_guidance,
+    ddim_invert,
+    get_sampler,
+    initial_noise,
+    step_generator,
+)
 
 
 class Decoder(nn.Module):

@@ -15,14 +15,21 @@ z_t, a conditioning input only, is always fed as z_t * sqrt(D).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip_pl.diffusion import (GaussianDiffusion, classifier_free_guidance, get_betas, get_sampler, initial_noise,
-                                 step_generator)
+from unclip_pl.diffusion import (
+    GaussianDiffusion,
+    classifier_free_guidance,
+    get_betas,
+    get_sampler,
+    initial_noise,
+    step_generator,
+)
 
 NORMALIZATIONS = ("scale", "standardize")
 

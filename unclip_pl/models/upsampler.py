@@ -8,7 +8,8 @@ second); the model trains on random crops of a quarter of the target size and ru
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

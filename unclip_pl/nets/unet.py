@@ -19,7 +19,7 @@ runs at any size divisible by ``2 ** (len(channel_mult) - 1)``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

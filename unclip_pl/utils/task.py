@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
