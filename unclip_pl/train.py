@@ -69,8 +69,8 @@ def stage_needs_clip(cfg: DictConfig, stage: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- step 1: CLIP
 def clip_to_train(cfg: DictConfig, stage: str) -> bool:
     """Whether step 1 runs: the stage needs the frozen CLIP, ``clip.autotrain`` is on, and the cache file
-    ``clip.loader.checkpoint`` is missing or was trained on other data than this run's (an older emoji split that
-    overlaps today's val split, say; that file is kept beside it as ``*.stale-<time>.pt``)."""
+    ``clip.loader.checkpoint`` is missing or stale (:func:`clip_is_stale`: trained on an older emoji split that
+    overlaps today's val split; that file is kept beside it as ``*.stale-<time>.pt``)."""
     checkpoint = cfg.clip.loader.get("checkpoint")
     if not (stage_needs_clip(cfg, stage) and cfg.clip.get("autotrain", False) and checkpoint):
         return False
@@ -80,12 +80,25 @@ def clip_to_train(cfg: DictConfig, stage: str) -> bool:
     return not Path(checkpoint).exists()
 
 
+def clip_is_stale(trained_on: str | None, data_id: str) -> bool:
+    """Whether a cached CLIP trained on ``trained_on`` (its record's data id) must be trained again for a run on
+    ``data_id``: when it was trained on another version of the built-in emoji data (an older split overlaps
+    today's val split), or records no data at all while this run uses that data. A CLIP trained on other data is
+    used as it is: the user's shards may have been embedded with it."""
+    if not data_id.startswith("emoji/") or trained_on == data_id:
+        return False
+    return trained_on is None or trained_on.startswith("emoji/")
+
+
 def _set_aside_if_stale(checkpoint: Path, data_id: str) -> None:
-    """Rename a cached CLIP trained on other data (or with no record of its data) so that step 1 replaces it."""
+    """Rename a stale cached CLIP (:func:`clip_is_stale`) so that step 1 replaces it."""
     from unclip_pl.clip.small import read_training_record
 
     trained_on = (read_training_record(checkpoint) or {}).get("data")
-    if trained_on == data_id:
+    if not clip_is_stale(trained_on, data_id):
+        if trained_on != data_id:
+            log.info("The cached CLIP %s was trained on %s; this run's data is %s: using it as it is.", checkpoint,
+                     trained_on or "data it does not record", data_id)
         return
     aside = checkpoint.with_name(f"{checkpoint.stem}.stale-{time.strftime('%Y%m%d-%H%M%S')}{checkpoint.suffix}")
     os.replace(checkpoint, aside)

@@ -50,5 +50,9 @@ def test_embed(stages):
 def test_train_on_shards(stages, launched):
     """python train.py prior=diffusion data=shards data.train_urls='data/photos_emb/*.tar' data.val_urls=..."""
     launched["train_shards"].wait().check()
-    ckpt = assert_run_dir(stages["root"] / "logs" / "train" / "runs" / "shards", "prior")
+    run_dir = stages["root"] / "logs" / "train" / "runs" / "shards"
+    ckpt = assert_run_dir(run_dir, "prior")
     assert ckpt["cfg"]["data"]["train_urls"] == "data/photos_emb/*.tar"
+    # the shards were embedded with the cached (emoji) CLIP: it is used as it is, not set aside and retrained
+    assert not (run_dir / "clip_autotrain").exists()
+    assert not list((stages["root"] / "data" / "cache" / "clip").glob("*.stale-*"))

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from ops_helpers import compose_ops
 
-from unclip_pl.train import clip_run_config, data_image_size, fit
+from unclip_pl.train import clip_is_stale, clip_run_config, data_image_size, fit
 from unclip_pl.utils.config import ConfigError, build_accepting
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,3 +96,13 @@ def test_clip_step_has_its_own_run_and_run_directory(tmp_path):
 def test_no_hydra_internals_in_the_package():
     users = [p for p in (ROOT / "unclip_pl").rglob("*.py") if "hydra._internal" in p.read_text()]
     assert not users, f"private Hydra APIs used in {users}"
+
+
+def test_only_an_older_emoji_split_makes_the_cached_clip_stale():
+    """An older emoji split (or no record) is retrained for an emoji run; a CLIP of other data is kept as it is,
+    since the user's shards may have been embedded with it."""
+    today = "emoji/format2/val0.07/limitNone"
+    assert clip_is_stale("emoji/format1/val0.05/limitNone", today) and clip_is_stale(None, today)
+    assert not clip_is_stale(today, today)
+    assert not clip_is_stale("emoji/format2/val0.07/limitNone", "shards/0123456789ab")
+    assert not clip_is_stale(None, "shards/0123456789ab") and not clip_is_stale("shards/0123456789ab", today)
