@@ -254,6 +254,10 @@ def launched(stages, inputs, emoji_root):
         shutil.copytree(stages["runs"]["upsampler"], stages["runs"]["upsampler"].with_name("resumed"))
         start("resume", [script("train.py"), "upsampler=emoji", *emoji_overrides(emoji_root), *tiny_clip_overrides(),
                          *tiny_stage_overrides("upsampler"), "trainer.max_steps=3", "run_name=resumed"])
+        # README: one stage of the emoji cascade as its experiment, with another time budget
+        start("experiment", [script("train.py"), "experiment=emoji_cascade/prior", "trainer.max_time=00:00:15:00",
+                             *emoji_overrides(emoji_root), *tiny_clip_overrides(), *tiny_stage_overrides("prior"),
+                             "data.batch_size=8", STEPS])
         # a prior checkpoint given as the decoder: one line on stderr (the other wrong checkpoints: in-process)
         start("wrong_stage", [script("sample.py"), "mode=text", "prompt=x", f"checkpoints.decoder={stages['prior']}"])
         # data/README.md step 3: train on the embedded shards

@@ -119,6 +119,18 @@ def test_rerun_in_the_same_run_directory_resumes(stages, launched):
     assert_run_dir(run_dir, "upsampler", steps=3)
 
 
+def test_emoji_cascade_stage_experiment(stages, launched):
+    """`python train.py experiment=emoji_cascade/prior trainer.max_time=00:00:15:00`: the experiment picks the stage,
+    its run directory (logs/emoji_cascade/runs/prior) and budget, and the command line overrides the budget."""
+    launched["experiment"].wait().check()
+    run_dir = stages["root"] / "logs" / "emoji_cascade" / "runs" / "prior"
+    for name in ("config_resolved.yaml", "emoji_cascade.log", "checkpoints/last.ckpt"):  # log named by its task
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "clip_autotrain").exists(), "the cached CLIP is used"
+    cfg = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
+    assert cfg["trainer"]["max_time"] == "00:00:15:00" and cfg["tags"] == ["emoji_cascade"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the README's GPU command needs a GPU")
 def test_gpu_and_wandb(stages, emoji_root):
     """`python train.py prior=diffusion trainer=gpu logger=wandb` (bf16; wandb offline without an API key)."""
