@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -218,3 +219,44 @@ def _batch_size(batch: Any) -> int | None:
             if isinstance(v, (list, tuple)):
                 return len(v)
     return None
+
+
+class ImageStageMixin:
+    """What the image stages (decoder, upsampler) share besides :class:`StageModule`: channels-last weights and
+    inputs, fixed validation items with a sample grid every n-th validation, per-batch generators and autocast."""
+
+    def _init_image_stage(self, channels_last: bool, sample_every_n_val: int, num_grid_items: int) -> None:
+        self.channels_last = bool(channels_last)
+        if self.channels_last:  # faster convolutions on GPUs
+            self.model.to(memory_format=torch.channels_last)
+            if self.ema is not None:
+                self.ema.module.to(memory_format=torch.channels_last)
+        self.sample_every_n_val = max(0, int(sample_every_n_val))
+        self.num_grid_items = int(num_grid_items)
+        self._grid_items: dict[str, torch.Tensor] | None = None
+        self._val_runs = 0
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float, channels-last when the weights are."""
+        images = images.float()
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def _keep_grid_items(self, batch: dict[str, Any], keys: tuple[str, ...]) -> None:
+        if self._grid_items is None and self.num_grid_items > 0:
+            n = self.num_grid_items
+            self._grid_items = {k: batch[k][:n].detach().clone() for k in keys if k in batch}
+
+    def _grid_due(self) -> bool:
+        if self.trainer.sanity_checking or self.sample_every_n_val <= 0 or self._grid_items is None:
+            return False
+        self._val_runs += 1
+        return (self._val_runs - 1) % self.sample_every_n_val == 0 and self.trainer.is_global_zero
+
+    def _autocast(self):
+        plugin = getattr(self.trainer, "precision_plugin", None)
+        return plugin.forward_context() if plugin is not None else nullcontext()
+
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(1000003 * self.global_rank + batch_idx)
+        return g

@@ -10,48 +10,17 @@ with ``unclip_pl.callbacks.image_grid`` (row 1: the real images, row 2: decoded 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 from unclip_pl.callbacks.image_grid import log_image_grid, to_grid
-from unclip_pl.lit.base import StageModule
+from unclip_pl.lit.base import ImageStageMixin, StageModule
 from unclip_pl.sample_settings import DecoderSettings
 
 
-class _GridMixin:
-    """Fixed validation items + every-n-th-validation grid logging shared by the image stages."""
-
-    def _init_grid(self, sample_every_n_val: int, num_grid_items: int) -> None:
-        self.sample_every_n_val = max(0, int(sample_every_n_val))
-        self.num_grid_items = int(num_grid_items)
-        self._grid_items: dict[str, torch.Tensor] | None = None
-        self._val_runs = 0
-
-    def _keep_grid_items(self, batch: dict[str, Any], keys: tuple[str, ...]) -> None:
-        if self._grid_items is None and self.num_grid_items > 0:
-            n = self.num_grid_items
-            self._grid_items = {k: batch[k][:n].detach().clone() for k in keys if k in batch}
-
-    def _grid_due(self) -> bool:
-        if self.trainer.sanity_checking or self.sample_every_n_val <= 0 or self._grid_items is None:
-            return False
-        self._val_runs += 1
-        return (self._val_runs - 1) % self.sample_every_n_val == 0 and self.trainer.is_global_zero
-
-    def _autocast(self):
-        plugin = getattr(self.trainer, "precision_plugin", None)
-        return plugin.forward_context() if plugin is not None else nullcontext()
-
-    def _generator(self, batch_idx: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(1000003 * self.global_rank + batch_idx)
-        return g
-
-
-class DecoderModule(_GridMixin, StageModule):
+class DecoderModule(ImageStageMixin, StageModule):
     """Decoder training/validation glue.
 
     Args:
@@ -89,18 +58,10 @@ class DecoderModule(_GridMixin, StageModule):
             raise ValueError("text_source='clip' uses the frozen CLIP's token states: build the decoder with "
                              "text_encoder=null")
         self.text_source = text_source
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-            if self.ema is not None:
-                self.ema.module.to(memory_format=torch.channels_last)
+        self._init_image_stage(channels_last, sample_every_n_val, num_grid_items)
         self.sample_settings = DecoderSettings.from_block(sample)
-        self._init_grid(sample_every_n_val, num_grid_items)
 
     # ------------------------------------------------------------------ inputs
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.float()
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def _text(self, tokens: torch.Tensor) -> dict[str, Any]:
         """kwargs for Decoder.loss/sample: ``tokens=`` for the own encoder, ``text=(states, mask)`` for CLIP."""

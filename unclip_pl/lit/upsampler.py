@@ -17,12 +17,11 @@ from torch import nn
 
 from unclip_pl.callbacks.image_grid import log_image_grid, to_grid
 from unclip_pl.data.pipeline import AddKey
-from unclip_pl.lit.base import StageModule
-from unclip_pl.lit.decoder import _GridMixin
+from unclip_pl.lit.base import ImageStageMixin, StageModule
 from unclip_pl.sample_settings import UpsamplerSettings
 
 
-class UpsamplerModule(_GridMixin, StageModule):
+class UpsamplerModule(ImageStageMixin, StageModule):
     """Upsampler training/validation glue.
 
     Args:
@@ -50,18 +49,9 @@ class UpsamplerModule(_GridMixin, StageModule):
         run_config: dict[str, Any] | None = None,
     ):
         super().__init__(model, optimizer, warmup_steps, ema_decay, clip=None, run_config=run_config)
-        self.channels_last = channels_last
         self.degrade_in_loader = bool(degrade_in_loader)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-            if self.ema is not None:
-                self.ema.module.to(memory_format=torch.channels_last)
+        self._init_image_stage(channels_last, sample_every_n_val, num_grid_items)
         self.sample_settings = UpsamplerSettings.from_block(sample)
-        self._init_grid(sample_every_n_val, num_grid_items)
-
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.float()
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     @property
     def loader_batch_transform(self) -> AddKey | None:
