@@ -321,3 +321,31 @@ def test_sample_shapes_unit_norm_and_best_of():
         prior.sample(txt, states, mask, **dict(kw, temperature=-1.0))
     with pytest.raises(ValueError, match="best_of"):
         prior.sample(txt, states, mask, best_of=0, **kw)
+
+
+def test_with_the_real_codec_seeded_samples_depend_only_on_their_seed():
+    """ARPrior on a fitted PCACodec: the codec travels in the state dict, and with per-caption seeds caption i's
+    embedding is the same whatever else is in the batch (as the pipeline requires of a prior)."""
+    from unclip_pl.models.pca_codec import PCACodec
+
+    torch.manual_seed(0)
+    d, k = 16, 4
+    img = F.normalize(torch.randn(300, d), dim=-1)
+    txt = F.normalize(img + 0.3 * torch.randn(300, d), dim=-1)
+    codec = PCACodec(d, k, num_buckets=8, num_dot_buckets=6)
+    codec.fit(img, txt)
+    net = ARPriorTransformer(text_width=8, embed_dim=d, num_components=k, num_buckets=8, num_dot_buckets=6, dim=32,
+                             depth=1, heads=2, max_text_len=7)
+    prior = shaken_prior = ARPrior(shaken(net), codec).eval()
+    fresh = ARPrior(ARPriorTransformer(text_width=8, embed_dim=d, num_components=k, num_buckets=8, num_dot_buckets=6,
+                                       dim=32, depth=1, heads=2, max_text_len=7), PCACodec(d, k, 8, 6))
+    fresh.load_state_dict(shaken_prior.state_dict())
+    assert fresh.codec.is_fitted
+    zt = txt[:3]
+    states, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    kw = dict(guidance_scale=2.0, temperature=1.0, top_k=None, top_p=None, dot_fraction=0.5, best_of=2)
+    both = prior.sample(zt, states, mask, seeds=[5, 6, 7], **kw)
+    alone = fresh.eval().sample(zt[1:2], states[1:2], mask[1:2], seeds=[6], **kw)
+    torch.testing.assert_close(both[1:2], alone)
+    assert not torch.allclose(both[0], both[1])
+    torch.testing.assert_close(both.norm(dim=-1), torch.ones(3))

@@ -11,10 +11,13 @@ token drawn from the top ``dot_fraction`` of its distribution, and best-of-N sel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip_pl.diffusion.seeds import row_seeds
 from unclip_pl.models.prior import select_best_of
 
 
@@ -72,18 +75,30 @@ def restrict_dot(logits: torch.Tensor, dot_values: torch.Tensor, fraction: float
     return logits.masked_fill(drop, float("-inf"))
 
 
-def draw(logits: torch.Tensor, greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(logits: torch.Tensor, greedy: bool = False, generator: torch.Generator | None = None,
+         u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of softmax(logits) (B, V) (already tempered and filtered; -inf = excluded), by inverse-CDF
     sampling in float64; ``greedy`` takes the argmax. One uniform per row is drawn from ``generator`` either way, so
-    greedy and sampled runs consume the same stream. Returns (B,) long.
+    greedy and sampled runs consume the same stream; ``u`` (B, 1) in (0, 1] float64 gives the uniforms instead.
+    Returns (B,) long.
     """
-    u = 1.0 - torch.rand(logits.shape[0], 1, device=logits.device, generator=generator, dtype=torch.float64)
+    if u is None:
+        u = 1.0 - torch.rand(logits.shape[0], 1, device=logits.device, generator=generator, dtype=torch.float64)
     if greedy:
         return logits.argmax(dim=-1)
     probs = logits.double().softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     idx = (cdf < u * cdf[:, -1:]).sum(dim=-1)                             # first index with cdf >= u * total
     return idx.clamp(max=logits.shape[-1] - 1)
+
+
+def seeded_uniforms(seeds: Sequence[int], stream: str, per_seed: int, step: int, device) -> torch.Tensor:
+    """(len(seeds) * per_seed, 1) float64 uniforms in (0, 1] for token ``step``: row ``i * per_seed + j`` from its own
+    generator seeded by ``(seeds[i], "<stream>/noise/<j>", step)``, so a caption's embedding depends only on its
+    seed, never on the rest of the batch (as the diffusion prior's step noise)."""
+    rows = row_seeds(seeds, stream, "noise", per_seed=per_seed, step=step)
+    u = [1.0 - torch.rand((), generator=torch.Generator().manual_seed(r), dtype=torch.float64) for r in rows]
+    return torch.stack(u).view(-1, 1).to(device)
 
 
 class ARPrior(nn.Module):
@@ -151,7 +166,8 @@ class ARPrior(nn.Module):
     def sample_codes(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, *,
                      guidance_scale: float, temperature: float, top_k: int | None, top_p: float | None,
                      dot_fraction: float = 0.5, best_of: int = 1, use_cache: bool = True,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
+                     stream: str = "prior") -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the tokens of B * best_of candidates (arguments as in :meth:`sample`).
 
         Returns:
@@ -198,7 +214,12 @@ class ARPrior(nn.Module):
         else:
             dot_logits, _ = self.net(tok, mask, zt, dot, codes, drop)
         logits = restrict_dot(temper(guide(dot_logits)), dot_values, dot_fraction)
-        dot_drawn = draw(logits, greedy, generator)
+        def uniforms(step: int) -> torch.Tensor | None:
+            return None if seeds is None else seeded_uniforms(seeds, stream, n, step, device)
+
+        if seeds is not None and len(seeds) != b:
+            raise ValueError(f"seeds: one per caption ({b}), got {len(seeds)}")
+        dot_drawn = draw(logits, greedy, generator, uniforms(0))
         dot = both(dot_drawn)
         for i in range(k):  # step i feeds token i (0: dot, i >= 1: code_i) and draws code_{i+1}
             if use_cache:
@@ -206,14 +227,15 @@ class ARPrior(nn.Module):
             else:
                 logits = self.net(tok, mask, zt, dot, codes, drop)[1][:, i]
             logits = filter_logits(temper(guide(logits)), top_k, top_p)
-            codes[:, i] = both(draw(logits, greedy, generator))
+            codes[:, i] = both(draw(logits, greedy, generator, uniforms(i + 1)))
         return dot_drawn.view(b, n), codes[:rows].view(b, n, k)
 
     @torch.no_grad()
     def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, *,
                guidance_scale: float, temperature: float, top_k: int | None, top_p: float | None,
                dot_fraction: float = 0.5, best_of: int = 1, use_cache: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
+               stream: str = "prior") -> torch.Tensor:
         """Sample image embeddings for captions.
 
         Each step's logits are guided (uncond + s * (cond - uncond), both branches in one batch), divided by the
@@ -230,12 +252,15 @@ class ARPrior(nn.Module):
             use_cache: decode with the network's K/V cache (``start``/``step``); False recomputes the whole sequence
                 every step (same codes, for checking).
             generator: torch.Generator on the embeddings' device for every random draw.
+            seeds: B per-caption seeds instead (:func:`seeded_uniforms`): caption i's candidates depend only on
+                seeds[i]; ``stream`` names the stage's streams (the pipeline's "prior").
         Returns:
             (B, D) unit-norm z_i = codec.decode(codes).
         """
         _, codes = self.sample_codes(txt_emb, text_tokens, text_mask, guidance_scale=guidance_scale,
                                      temperature=temperature, top_k=top_k, top_p=top_p, dot_fraction=dot_fraction,
-                                     best_of=best_of, use_cache=use_cache, generator=generator)
+                                     best_of=best_of, use_cache=use_cache, generator=generator, seeds=seeds,
+                                     stream=stream)
         b, n, k = codes.shape
         z = F.normalize(self.codec.decode(codes.view(b * n, k)).float(), dim=-1).view(b, n, -1)
         return F.normalize(select_best_of(z, txt_emb), dim=-1)
