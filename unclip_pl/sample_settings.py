@@ -56,6 +56,49 @@ class PriorSettings(_StageSettings):
 
 
 @dataclass
+class ARPriorSettings:
+    """Autoregressive prior sampling: classifier-free guidance on the logits, ``temperature``, ``top_k`` / ``top_p``
+    truncation of each code's distribution (None = off), ``dot_fraction`` (the dot-product token is drawn from the
+    top fraction of its distribution; paper: the top half) and best-of-N by the dot product with z_t."""
+    guidance_scale: float
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    dot_fraction: float
+    best_of: int
+    MODEL_KEYS = ("guidance_scale", "temperature", "top_k", "top_p", "dot_fraction", "best_of")
+    OPTIONAL = ("top_k", "top_p")
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.MODEL_KEYS}
+
+    @classmethod
+    def from_block(cls, block: dict[str, Any] | None) -> ARPriorSettings:
+        """From the AR prior's ``sample:`` block: an unknown key, or a missing required one, is a one-line error."""
+        block = dict(_plain(block) or {})
+        names = [f.name for f in fields(cls)]
+        bad = sorted(set(block) - set(names))
+        if bad:
+            raise ValueError(f"unknown ar prior sampler setting(s) {bad}; valid: {names}")
+        missing = [k for k in names if k not in cls.OPTIONAL and block.get(k) is None]
+        if missing:
+            raise ValueError(f"ar prior sampler setting(s) {missing} not given: set them in the stage's sample: "
+                             f"block or with settings.prior.<key>=...")
+        return cls(**{k: block.get(k) for k in names})
+
+
+def prior_settings(block: dict[str, Any] | None) -> PriorSettings | ARPriorSettings:
+    """The settings of either prior, told apart by their keys: the AR prior's block has ``temperature``, the
+    diffusion prior's ``steps``."""
+    block = _plain(block) or {}
+    if "temperature" in block and "steps" in block:
+        raise ValueError("prior sampler settings of both kinds given: the diffusion prior takes steps, sampler, eta, "
+                         "guidance_scale, best_of; the AR prior guidance_scale, temperature, top_k, top_p, "
+                         "dot_fraction, best_of")
+    return (ARPriorSettings if "temperature" in block else PriorSettings).from_block(block)
+
+
+@dataclass
 class DecoderSettings(_StageSettings):
     """Decoder sampling (paper: 250 strided steps; DDIM with far fewer is fine). Variations from the image's DDIM
     inversion run DDIM both ways, whatever ``sampler`` is: ``invert_steps`` steps in each direction and
@@ -83,7 +126,7 @@ class UpsamplerSettings(_StageSettings):
 class PipelineSettings:
     """Every stage's settings; ``prior`` None = no prior; one entry per upsampler (missing ones repeat the last)."""
     decoder: DecoderSettings
-    prior: PriorSettings | None = None
+    prior: PriorSettings | ARPriorSettings | None = None
     upsamplers: list[UpsamplerSettings] = field(default_factory=list)
     #: images per decoder/upsampler forward batch
     batch_size: int = 16
@@ -97,7 +140,7 @@ class PipelineSettings:
             raise ValueError("no decoder sampler settings: give settings={'decoder': {...}} or load checkpoints")
         prior = d.pop("prior", None)
         out = cls(decoder=DecoderSettings.from_block(d.pop("decoder")),
-                  prior=PriorSettings.from_block(prior) if prior is not None else None,
+                  prior=prior_settings(prior) if prior is not None else None,
                   upsamplers=[UpsamplerSettings.from_block(u) for u in (d.pop("upsamplers", None) or [])])
         for key in ("batch_size", "progress"):
             if d.get(key) is not None:
