@@ -66,6 +66,13 @@ def tiny_stage_overrides(stage: str, steps: int = 2) -> list[str]:
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def tiny_ar_overrides() -> list[str]:
+    """``prior=ar`` at a tiny size: one block of width 32, 8 principal components in 16 buckets, 8 dot buckets."""
+    net = "prior.module.model.net"
+    return [f"{net}.dim=32", f"{net}.depth=1", f"{net}.heads=2", "prior.num_components=8", "prior.num_buckets=16",
+            "prior.num_dot_buckets=8", "prior.module.codec_batches=4", "prior.module.warmup_steps=1"]
+
+
 def grid_size(n: int, nrow: int, side: int, pad: int = 2) -> tuple[int, int]:
     """(width, height) of torchvision's ``make_grid`` (sample.py's PNG grids) for ``n`` images of side x side."""
     cols = min(nrow, n)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, emoji_overrides, tiny_clip_overrides, tiny_stage_overrides
+from tests.helpers import ROOT, emoji_overrides, tiny_ar_overrides, tiny_clip_overrides, tiny_stage_overrides
 
 #: Training length of every training command here.
 STEPS = "trainer.max_steps=2"
@@ -200,6 +200,9 @@ def stages(cli_root, emoji_root, inputs, tmp_path_factory):
         later = {stage: Command([script("train.py"), f"{stage}={option}", *data, *clip, *tiny_stage_overrides(stage),
                                  STEPS, f"run_name={stage}"], cli_root)
                  for stage, option in (("decoder", "base"), ("upsampler", "emoji"))}
+        # the autoregressive prior: `python train.py prior=ar`
+        later["prior_ar"] = Command([script("train.py"), "prior=ar", *data, *clip, *tiny_ar_overrides(), STEPS,
+                                     "run_name=prior_ar"], cli_root)
         side["make_shards"].wait()
         side["embed"] = Command(["-m", "unclip_pl.data.embed", "data/photos/photos-{000000..000001}.tar",
                                  "data/photos_emb", "--clip", "small"], cli_root)
@@ -224,7 +227,7 @@ def sample_args(stages, *args: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def launched(stages, inputs, emoji_root):
+def launched(stages, inputs, emoji_root, tmp_path_factory):
     """Every sampling / evaluation command on the session's checkpoints, started at once: ``{name: Command}``."""
     root = stages["root"]
     face_dir = inputs  # `image=face.png` is relative to the working directory
@@ -254,6 +257,11 @@ def launched(stages, inputs, emoji_root):
         shutil.copytree(stages["runs"]["upsampler"], stages["runs"]["upsampler"].with_name("resumed"))
         start("resume", [script("train.py"), "upsampler=emoji", *emoji_overrides(emoji_root), *tiny_clip_overrides(),
                          *tiny_stage_overrides("upsampler"), "trainer.max_steps=3", "run_name=resumed"])
+        # text -> AR prior -> decoder, with a prior setting of the AR kind (in a root of its own: its text.png)
+        cmds["text_ar"] = Command([script("sample.py"), "mode=text", "prompt=grinning face", "n=2",
+                                   f"checkpoints.prior={stages['prior_ar']}",
+                                   f"checkpoints.decoder={stages['decoder']}", "settings.prior.temperature=0.8"],
+                                  tmp_path_factory.mktemp("ar_sample_root"))
         # README: one stage of the emoji cascade as its experiment, with another time budget
         start("experiment", [script("train.py"), "experiment=emoji_cascade/prior", "trainer.max_time=00:00:15:00",
                              *emoji_overrides(emoji_root), *tiny_clip_overrides(), *tiny_stage_overrides("prior"),

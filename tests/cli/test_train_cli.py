@@ -140,3 +140,23 @@ def test_gpu_and_wandb(stages, emoji_root):
     run_dir = root / "logs" / "train" / "runs" / "gpu"
     assert_run_dir(run_dir, "prior", csv=False)
     assert (run_dir / "wandb_id.txt").is_file() and (run_dir / "wandb").is_dir()
+
+
+def test_ar_prior_trains_its_codec_and_samples_through_sample_py(stages, launched):
+    """`python train.py prior=ar`: the PCA codec is fitted at fit start (logged) and saved in the checkpoint;
+    `sample.py mode=text checkpoints.prior=<AR prior>` samples with it, `settings.prior.temperature` overriding the
+    stored block."""
+    import json
+
+    run_dir = stages["runs"]["prior_ar"]
+    assert_run_dir(run_dir, "prior")
+    ckpt = torch.load(stages["prior_ar"], map_location="cpu", weights_only=True)
+    assert bool(ckpt["state_dict"]["model.codec.fitted"]) and bool(ckpt["state_dict"]["ema.module.codec.fitted"])
+    assert ckpt["state_dict"]["model.codec.components"].shape == (8, 32)
+    assert "codec/explained_variance" in (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    done = launched["text_ar"].wait().check()
+    assert "Traceback" not in done.stderr
+    runs = list((launched["text_ar"].root / "logs" / "sample" / "runs").glob("*/text.json"))
+    assert len(runs) == 1 and (runs[0].parent / "text.png").is_file()
+    settings = json.loads(runs[0].read_text())["settings"]["prior"]
+    assert settings["temperature"] == 0.8 and settings["dot_fraction"] == 0.5 and "steps" not in settings

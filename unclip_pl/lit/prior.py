@@ -1,7 +1,10 @@
-"""LightningModule of the diffusion prior (``python train.py prior=diffusion``).
+"""LightningModule of the priors: the diffusion prior (``python train.py prior=diffusion``) and the autoregressive
+prior (``prior=ar``), which share their inputs, validation and metrics.
 
 Training: captions' token ids are encoded by the frozen CLIP text tower (per-token states + padding mask) and the
-``DiffusionPrior`` loss is applied to the batch's CLIP image/text embeddings.
+prior's loss is applied to the batch's CLIP image/text embeddings. At fit start the diffusion prior's normaliser
+(``normalization="standardize"``) or the AR prior's PCA codec is fitted on training embeddings, unless the model
+already holds one (a resumed run).
 Validation (EMA weights): ``val/loss`` every time; every ``sample_every_n_val``-th validation run it also samples z_i
 for the captions, gathers predictions across steps and ranks, and logs the metrics of
 ``unclip_pl.metrics.prior_metrics`` as ``val/<name>``.
@@ -18,25 +21,28 @@ from torch import nn
 
 from unclip_pl.lit.base import StageModule
 from unclip_pl.metrics.prior_metrics import prior_metrics
-from unclip_pl.sample_settings import PriorSettings
+from unclip_pl.sample_settings import prior_settings
 from unclip_pl.utils.distributed import gather_rows
 
 log = logging.getLogger(__name__)
 
 
 class PriorModule(StageModule):
-    """Diffusion prior training/validation glue.
+    """Prior training/validation glue.
 
     Args:
-        model: ``unclip_pl.models.prior.DiffusionPrior``.
+        model: ``unclip_pl.models.prior.DiffusionPrior`` or ``unclip_pl.models.ar_prior.ARPrior``.
         optimizer, warmup_steps, ema_decay, clip: see ``StageModule`` (``clip`` is required: a FrozenCLIP-like object
             with ``encode_text(tokens) -> .emb (B, D), .tokens (B, L', W), .mask (B, L')``).
         normalizer_batches: with ``normalization="standardize"``, the number of training batches read at fit start
             to fit the per-dimension statistics (skipped when already fitted, e.g. when resuming).
+        codec_batches: for the AR prior, the number of training batches (per rank, gathered across ranks) its PCA
+            codec is fitted on at fit start, and of validation batches its reconstruction is measured on.
         sample_every_n_val: sample and compute the embedding metrics on every n-th validation run.
         sample_max_batches: sample at most this many validation batches per run (None = all).
-        sample: the stage's ``sample:`` block (steps, sampler, eta, guidance_scale, best_of; ``sample: ${prior.sample}``
-            in the config), the sampler settings of validation.
+        sample: the stage's ``sample:`` block (``sample: ${prior.sample}`` in the config), the sampler settings of
+            validation: steps, sampler, eta, guidance_scale, best_of for the diffusion prior; guidance_scale,
+            temperature, top_k, top_p, dot_fraction, best_of for the AR prior.
     """
 
     def __init__(
@@ -51,12 +57,14 @@ class PriorModule(StageModule):
         sample_max_batches: int | None = None,
         sample: dict[str, Any] | None = None,
         run_config: dict[str, Any] | None = None,
+        codec_batches: int = 100,
     ):
         super().__init__(model, optimizer, warmup_steps, ema_decay, clip, run_config=run_config)
         self.normalizer_batches = normalizer_batches
         self.sample_every_n_val = max(1, int(sample_every_n_val))
         self.sample_max_batches = sample_max_batches
-        self.sample_settings = PriorSettings.from_block(sample)
+        self.codec_batches = int(codec_batches)
+        self.sample_settings = prior_settings(sample)
         self._val_runs = 0
         self._sample_now = False
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -80,6 +88,44 @@ class PriorModule(StageModule):
     def on_fit_start(self) -> None:
         if getattr(self.model, "needs_fit", False):
             self.fit_normalizer_from_data()
+        codec = getattr(self.model, "codec", None)
+        if codec is not None and not codec.is_fitted:
+            self.fit_codec_from_data()
+
+    def _train_loader(self):
+        source = getattr(self.trainer.fit_loop, "_data_source", None)
+        return source.dataloader() if source is not None else self.trainer.datamodule.train_dataloader()
+
+    def _embeddings(self, loader, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_emb, txt_emb), each (N, D) float32: up to ``batches`` batches of this rank, gathered across ranks."""
+        img, txt = [], []
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            img.append(batch["img_emb"].to(self.device, torch.float32))
+            txt.append(batch["txt_emb"].to(self.device, torch.float32))
+        return gather_rows(torch.cat(img)), gather_rows(torch.cat(txt))
+
+    @torch.no_grad()
+    def fit_codec_from_data(self) -> None:
+        """Fit the AR prior's PCA codec on training embeddings (every rank fits the same codec on the same gathered
+        rows and seed), copy it into the EMA model, and log what it keeps: explained variance, and reconstruction
+        MSE and cosine on training and validation embeddings."""
+        img, txt = self._embeddings(self._train_loader(), self.codec_batches)
+        stats = self.model.codec.fit(img, txt, seed=0)
+        if self.ema is not None:
+            self.ema.module.codec.load_state_dict(self.model.codec.state_dict())
+        metrics = {f"codec/train_{k}" if k != "explained_variance" else "codec/explained_variance": float(v)
+                   for k, v in stats.items()}
+        val_loader = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule is not None else None
+        if isinstance(val_loader, torch.utils.data.DataLoader):  # [] without val data
+            val_img, _ = self._embeddings(val_loader, self.codec_batches)
+            metrics.update({f"codec/val_{k}": float(v) for k, v in self.model.codec.reconstruction(val_img).items()})
+        log.info("prior: fitted the PCA codec (%d components, %d buckets) on %d training embeddings: %s",
+                 self.model.codec.num_components, self.model.codec.num_buckets, img.shape[0],
+                 ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()))
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     @torch.no_grad()
     def fit_normalizer_from_data(self) -> None:
