@@ -257,6 +257,10 @@ def launched(stages, inputs, emoji_root, tmp_path_factory):
         shutil.copytree(stages["runs"]["upsampler"], stages["runs"]["upsampler"].with_name("resumed"))
         start("resume", [script("train.py"), "upsampler=emoji", *emoji_overrides(emoji_root), *tiny_clip_overrides(),
                          *tiny_stage_overrides("upsampler"), "trainer.max_steps=3", "run_name=resumed"])
+        # a resumed AR prior keeps the codec of its checkpoint (a copy of its run, as for the upsampler below)
+        shutil.copytree(stages["runs"]["prior_ar"], stages["runs"]["prior_ar"].with_name("prior_ar_resumed"))
+        start("resume_ar", [script("train.py"), "prior=ar", *emoji_overrides(emoji_root), *tiny_clip_overrides(),
+                            *tiny_ar_overrides(), "trainer.max_steps=3", "run_name=prior_ar_resumed"])
         # text -> AR prior -> decoder, with a prior setting of the AR kind (in a root of its own: its text.png)
         cmds["text_ar"] = Command([script("sample.py"), "mode=text", "prompt=grinning face", "n=2",
                                    f"checkpoints.prior={stages['prior_ar']}",

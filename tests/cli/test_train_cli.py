@@ -160,3 +160,16 @@ def test_ar_prior_trains_its_codec_and_samples_through_sample_py(stages, launche
     assert len(runs) == 1 and (runs[0].parent / "text.png").is_file()
     settings = json.loads(runs[0].read_text())["settings"]["prior"]
     assert settings["temperature"] == 0.8 and settings["dot_fraction"] == 0.5 and "steps" not in settings
+
+
+def test_resumed_ar_prior_keeps_its_codec(stages, launched):
+    """Rerunning `prior=ar` in its run directory resumes (step 2 -> 3) without fitting the codec again: the codes
+    a trained model predicts keep their meaning."""
+    done = launched["resume_ar"].wait().check()
+    assert "Resuming from" in done.stdout + done.stderr
+    assert "fitted the PCA codec" not in done.stdout + done.stderr
+    run_dir = stages["root"] / "logs" / "train" / "runs" / "prior_ar_resumed"
+    before = torch.load(stages["prior_ar"], map_location="cpu", weights_only=True)["state_dict"]
+    after = assert_run_dir(run_dir, "prior", steps=3)["state_dict"]
+    for name in ("model.codec.components", "model.codec.buckets.edges", "ema.module.codec.mean"):
+        assert torch.equal(before[name], after[name]), name
