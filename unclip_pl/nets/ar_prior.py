@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unclip_pl.nets.prior import Block
+from unclip_pl.nets.prior import Block, gpt2_init_
 
 
 class ARPriorTransformer(nn.Module):
@@ -83,18 +83,8 @@ class ARPriorTransformer(nn.Module):
         self._init_weights(depth)
 
     def _init_weights(self, depth: int) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-        for p in (self.pos_embedding_text, self.pos_embedding_tail, self.null_text_token, self.null_txt_emb):
-            nn.init.normal_(p, std=0.02)
-        for blk in self.blocks:  # GPT-2 style residual projections
-            nn.init.normal_(blk.attn.proj.weight, std=0.02 / math.sqrt(2 * depth))
-            nn.init.normal_(blk.mlp[2].weight, std=0.02 / math.sqrt(2 * depth))
+        gpt2_init_(self, self.blocks, (self.pos_embedding_text, self.pos_embedding_tail, self.null_text_token,
+                                       self.null_txt_emb), depth)
 
     # ------------------------------------------------------------------ embeddings
     def _embed_prefix(self, text_states, text_mask, txt_emb, drop_cond):

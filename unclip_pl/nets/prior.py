@@ -18,6 +18,7 @@ No Lightning/Hydra imports; no data-dependent Python control flow in ``forward``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,23 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def gpt2_init_(model: nn.Module, blocks: Sequence[Block], params: Sequence[torch.Tensor], depth: int) -> None:
+    """GPT-2 initialisation in place: linear and embedding weights and ``params`` (learned tokens, position
+    embeddings) ~ N(0, 0.02), biases zero, and each block's residual output projections scaled by 1/sqrt(2 depth)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+    for p in params:
+        nn.init.normal_(p, std=0.02)
+    for blk in blocks:
+        nn.init.normal_(blk.attn.proj.weight, std=0.02 / math.sqrt(2 * depth))
+        nn.init.normal_(blk.mlp[2].weight, std=0.02 / math.sqrt(2 * depth))
+
+
 class PriorTransformer(nn.Module):
     """Causal Transformer predicting the unnoised CLIP image embedding.
 
@@ -128,18 +146,8 @@ class PriorTransformer(nn.Module):
         self._init_weights(depth)
 
     def _init_weights(self, depth: int) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for p in (self.query, self.pos_embedding_text, self.pos_embedding_tail, self.null_text_token,
-                  self.null_txt_emb):
-            nn.init.normal_(p, std=0.02)
-        # GPT-2 style: scale the residual output projections by 1/sqrt(2 * depth).
-        for blk in self.blocks:
-            nn.init.normal_(blk.attn.proj.weight, std=0.02 / math.sqrt(2 * depth))
-            nn.init.normal_(blk.mlp[2].weight, std=0.02 / math.sqrt(2 * depth))
+        gpt2_init_(self, self.blocks, (self.query, self.pos_embedding_text, self.pos_embedding_tail,
+                                       self.null_text_token, self.null_txt_emb), depth)
 
     @staticmethod
     def build_mask(text_mask: torch.Tensor) -> torch.Tensor:
