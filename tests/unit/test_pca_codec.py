@@ -294,3 +294,19 @@ def test_argument_and_shape_errors(data):
         codec.decode(torch.zeros(3, 5, dtype=torch.long))
     with pytest.raises(CodecError, match=r"\[0, 16\)"):
         codec.decode(torch.full((3, RANK), 16))
+
+
+def test_fitted_state_follows_loaded_state_dicts():
+    """is_fitted is mirrored on the host (no device sync per training step); loading a state dict refreshes it,
+    both ways, for the codec and its buckets."""
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(200, 8), dim=-1)
+    fitted, blank = PCACodec(8, 3, num_buckets=4, num_dot_buckets=4), PCACodec(8, 3, num_buckets=4, num_dot_buckets=4)
+    fitted.fit(img, img)
+    assert fitted.is_fitted and not blank.is_fitted and not blank.buckets.is_fitted
+    blank.load_state_dict(fitted.state_dict())
+    assert blank.is_fitted and blank.buckets.is_fitted and blank.dot_buckets.is_fitted
+    fitted.load_state_dict(PCACodec(8, 3, num_buckets=4, num_dot_buckets=4).state_dict())
+    assert not fitted.is_fitted and not fitted.buckets.is_fitted
+    with pytest.raises(CodecError, match="not fitted"):
+        fitted.encode(img)

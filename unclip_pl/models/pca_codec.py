@@ -118,14 +118,22 @@ class QuantileBuckets(nn.Module):
         self.num_buckets = int(num_buckets)
         self.register_buffer("edges", torch.full((num_columns, num_buckets - 1), float("nan")))
         self.register_buffer("centers", torch.full((num_columns, num_buckets), float("nan")))
+        self._fitted_host: bool | None = None  # host mirror of "edges are finite": no device sync per call
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fitted_host = None
 
     def extra_repr(self) -> str:
         return f"num_columns={self.num_columns}, num_buckets={self.num_buckets}"
 
     @property
     def is_fitted(self) -> bool:
-        """True once :meth:`fit` ran (or a fitted state dict was loaded)."""
-        return bool(torch.isfinite(self.edges).all())
+        """True once :meth:`fit` ran (or a fitted state dict was loaded). Read from the buffers once, then from a
+        host-side mirror, so the encode/decode of every training step never waits for the device."""
+        if self._fitted_host is None:
+            self._fitted_host = bool(torch.isfinite(self.edges).all())
+        return self._fitted_host
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -167,6 +175,7 @@ class QuantileBuckets(nn.Module):
         centers = torch.where(counts > 0, sums / counts.clamp(min=1), empty).float()  # (C, B)
         self.edges.copy_(edges.to(self.edges))
         self.centers.copy_(self._clamp_into_buckets(centers, edges).to(self.centers))
+        self._fitted_host = None
 
     @staticmethod
     def _bucketize(x: Tensor, edges: Tensor) -> Tensor:
@@ -229,6 +238,7 @@ class PCACodec(nn.Module):
         self.register_buffer("eigenvalues", torch.zeros(num_components))
         self.register_buffer("explained_variance", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._fitted_host: bool | None = None  # host mirror of ``fitted``: no device sync per call
         self.buckets = QuantileBuckets(num_components, num_buckets)
         self.dot_buckets = QuantileBuckets(1, num_dot_buckets)
 
@@ -238,8 +248,15 @@ class PCACodec(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        """True once :meth:`fit` ran (or a fitted state dict was loaded)."""
-        return bool(self.fitted)
+        """True once :meth:`fit` ran (or a fitted state dict was loaded); read from the buffer once, then from a
+        host-side mirror (refreshed when a state dict is loaded)."""
+        if self._fitted_host is None:
+            self._fitted_host = bool(self.fitted)
+        return self._fitted_host
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fitted_host = None
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -299,6 +316,7 @@ class PCACodec(nn.Module):
         self.eigenvalues.copy_(values[:k].to(self.eigenvalues))
         self.explained_variance.fill_(float(values[:k].sum()) / total)
         self.fitted.fill_(True)
+        self._fitted_host = True
         return {"explained_variance": float(self.explained_variance), **self.reconstruction(img_emb)}
 
     # ------------------------------------------------------------------ codes
