@@ -34,14 +34,11 @@ __all__ = ["ConfigError", "check_config", "fit", "run", "selected_stage"]
 
 log = logging.getLogger(__name__)
 
-#: Stages chosen by selecting their config group (`prior=diffusion`), in cascade order.
-GROUP_STAGES = STAGES
-
 
 # ---------------------------------------------------------------------------------------------------- selection
 def selected_stage(cfg: DictConfig) -> str:
     """Return the one stage this run trains: ``clip``, ``prior``, ``decoder`` or ``upsampler``."""
-    chosen = [name for name in GROUP_STAGES if cfg.get(name) is not None]
+    chosen = [name for name in STAGES if cfg.get(name) is not None]
     if cfg.get("stage") is not None:
         if cfg.stage != "clip":
             raise ConfigError(f"stage={cfg.stage} is not a stage option: use stage=clip, or select prior=..., "
@@ -113,7 +110,7 @@ def clip_run_config(cfg: DictConfig) -> DictConfig:
     clip_cfg = cfg.copy()
     with open_dict(clip_cfg):
         clip_cfg.stage = "clip"
-        for name in GROUP_STAGES:
+        for name in STAGES:
             clip_cfg[name] = None
         clip_cfg.ckpt_path = None
         clip_cfg.trainer.max_epochs = clip_cfg.trainer.max_steps = clip_cfg.trainer.max_time = None
