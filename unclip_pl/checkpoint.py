@@ -385,3 +385,53 @@ def export_weights(ckpt: str | os.PathLike, out: str | os.PathLike, which: str =
     payload = {"unclip_pl": {**entry, "format": FORMAT, "weights": used},
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in weights.items()}}
     return atomic_save(payload, out)
+
+
+# ----------------------------------------------------------------------------------------------------------- init_from
+def init_weights(module: nn.Module, path: str | os.PathLike, stage: str, strict: bool = True,
+                 which: str = "ema") -> dict[str, list[str]]:
+    """Load model weights only (``init_from``) into ``module.model`` of a StageModule before a fit.
+
+    ``path`` is a Lightning ``.ckpt`` of this project (its ``which`` weights: the EMA copy by default, else the
+    trained ones), or a weights file in the :func:`export_weights` format (also what ``python -m unclip_pl.convert``
+    writes). Nothing else is read: no optimiser, step, EMA state or data position. The EMA copy (when the module has
+    one) restarts from the loaded weights with its update count at zero.
+
+    Strict by default: a missing or unexpected key is a :class:`CheckpointError` listing them. With ``strict=False``
+    they are logged (one line per kind) and the rest is loaded. A shape mismatch is always an error (one line,
+    naming the keys). A checkpoint of another stage is refused. Returns ``{"missing": [...], "unexpected": [...]}``.
+    """
+    source = f"init_from={path}"
+    try:
+        entry, weights, _ = resolve_checkpoint(read_checkpoint(path), which, str(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from: {e}") from None
+    if entry["stage"] != stage:
+        raise CheckpointError(f"{source}: weights of the {entry['stage']} stage, but this run trains the {stage}")
+    model = module.model
+    want = {normalise_key(k): k for k in model.state_dict()}
+    own = model.state_dict()
+    shapes = [f"{k}: model {tuple(own[want[k]].shape)}, file {tuple(v.shape)}" for k, v in weights.items()
+              if k in want and tuple(v.shape) != tuple(own[want[k]].shape)]
+    if shapes:
+        raise CheckpointError(f"{source}: {len(shapes)} shape mismatch(es) with this {stage} config: "
+                              + "; ".join(shapes[:5]) + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
+    missing = sorted(set(want) - set(weights))
+    unexpected = sorted(set(weights) - set(want))
+    if strict and (missing or unexpected):
+        parts = [f"{len(keys)} {label}: {', '.join(keys[:5])}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5
+                 else "") for label, keys in (("missing from the file", missing), ("unexpected", unexpected)) if keys]
+        raise CheckpointError(f"{source}: the weights do not fit this {stage} config ({'; '.join(parts)}); pass "
+                              f"init_strict=false to load the keys that match")
+    if missing:
+        log.warning("init_from: %d key(s) missing from %s, left as initialised: %s", len(missing), path,
+                    ", ".join(missing))
+    if unexpected:
+        log.warning("init_from: %d unexpected key(s) in %s, ignored: %s", len(unexpected), path, ", ".join(unexpected))
+    model.load_state_dict({want[k]: v for k, v in weights.items() if k in want}, strict=False)
+    ema = getattr(module, "ema", None)
+    if ema is not None:
+        ema.restart_from(model)
+    log.info("init_from: loaded %d tensors of the %s from %s (weights only: optimiser, step and EMA start afresh)",
+             len(weights) - len(unexpected), stage, path)
+    return {"missing": missing, "unexpected": unexpected}

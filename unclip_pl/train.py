@@ -23,7 +23,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from unclip_pl.checkpoint import STAGES, CheckpointError, check_fits, last_checkpoint, verify_checkpoint
+from unclip_pl.checkpoint import (
+    STAGES,
+    CheckpointError,
+    check_fits,
+    init_weights,
+    last_checkpoint,
+    verify_checkpoint,
+)
 from unclip_pl.data.datamodule import DEFAULT_BATCH_SIZE
 from unclip_pl.utils.config import ConfigError, build, build_accepting, check_config
 from unclip_pl.utils.gitinfo import git_commit
@@ -209,10 +216,12 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         tokenizer=loader_tokenizer(clip, module, needs), clip=clip,
         # work the module moves into the loader workers (e.g. the upsampler's BSR corruption)
         train_batch_transform=getattr(module, "loader_batch_transform", None))
+    ckpt_path = resolve_ckpt_path(cfg)
+    if cfg.get("init_from"):
+        init_from_weights(cfg, module, stage, ckpt_path)
     if cfg.get("compile"):
         compile_networks(module.model)
 
-    ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         check_checkpoint_fits(module, ckpt_path, f"{stage}.module")
     trainer = build_trainer(cfg, stage)
@@ -329,6 +338,25 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     return str(ckpt)
+
+
+def init_from_weights(cfg: DictConfig, module: pl.LightningModule, stage: str, ckpt_path: str | None) -> None:
+    """``init_from``: load weights only into the stage's model before the fit (see
+    :func:`unclip_pl.checkpoint.init_weights`). Refused together with a checkpoint to resume, which already
+    restores the weights (and the optimiser, step, EMA and data position)."""
+    if ckpt_path is not None:
+        how = (f"ckpt_path={cfg.ckpt_path}" if cfg.get("ckpt_path") not in (None, "last")
+               else f"this run directory's {ckpt_path} (resume=auto)")
+        raise ConfigError(f"init_from={cfg.init_from} and {how} together: ckpt_path resumes a run (weights, "
+                          "optimiser, step, EMA, data position); init_from starts a new run from weights only. Drop "
+                          "init_from to resume, or start a new run (another run_name, or resume=never) to use "
+                          "init_from.")
+    if not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from={cfg.init_from} does not exist.")
+    try:
+        init_weights(module, cfg.init_from, stage, strict=bool(cfg.get("init_strict", True)))
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_checkpoint_fits(module: torch.nn.Module, ckpt_path: str, what: str) -> None:

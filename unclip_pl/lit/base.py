@@ -61,6 +61,16 @@ class EMA(nn.Module):
         self._host_updates = None
 
     @torch.no_grad()
+    def restart_from(self, model: nn.Module) -> None:
+        """Copy ``model``'s parameters and buffers and reset the update count (a run initialised from weights)."""
+        for p_ema, p in zip(self.module.parameters(), model.parameters()):
+            p_ema.copy_(p.detach())
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+        self.num_updates.zero_()
+        self._host_updates = 0
+
+    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         if self._host_updates is None:
             self._host_updates = int(self.num_updates)
