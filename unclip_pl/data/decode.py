@@ -7,12 +7,12 @@ naming the key, the shard and the command that adds the member (webdataset's han
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from .stats import LoaderStats
+from .stats import FaultPolicy, LoaderStats
 from .transforms import DECODE_ERRORS, decode_image, decode_npy, images_to_tensor
 
 log = logging.getLogger(__name__)
@@ -43,34 +43,55 @@ def _missing_key_message(need: str, member: str, sample: dict) -> str:
 
 
 class DecodeSamples:
-    """Pipeline stage: raw tar samples -> ``{"key", "txt", "image"?, "img_emb"?, "txt_emb"?}``.
+    """Pipeline stage: raw tar samples -> ``{"key", "txt"?, "image"?, "img_emb"?, "txt_emb"?}``.
 
-    Corrupt images are skipped with one warning line (shard + key) and counted in ``stats``.
-    Missing members raise :class:`MissingKeyError`.
+    A member is required only when ``needs`` reads it: ``txt`` for "txt" and "tokens" (an image-only stage reads
+    samples without captions; a caption that is there is still passed on), an image member for "image", the
+    ``.npy`` members for the embeddings. ``filters`` (a :class:`~unclip_pl.data.filters.SampleFilter`) sees the
+    sample's ``json`` metadata (img2dataset's) before anything is decoded; a dropped sample is counted in
+    ``stats.filtered``. Corrupt images are skipped with one warning line (shard + key) and counted in ``stats``.
+    A missing member raises :class:`MissingKeyError`, or with ``faults.on_error == "skip"`` is skipped and counted
+    per reason (see :class:`~unclip_pl.data.stats.FaultPolicy`).
     """
 
-    def __init__(self, needs: Iterable[str], image_size: int, random_crop: bool, stats: LoaderStats):
+    def __init__(self, needs: Iterable[str], image_size: int, random_crop: bool, stats: LoaderStats,
+                 faults: FaultPolicy | None = None, filters=None):
         self.needs = frozenset(needs)
         self.image_size, self.random_crop, self.stats = image_size, random_crop, stats
+        self.faults = faults if faults is not None else FaultPolicy(stats, "raise")
+        self.filters = filters
+
+    def _missing(self, need: str, member: str, raw: dict) -> None:
+        msg = _missing_key_message(need, member, raw)
+        self.faults.bad_sample(f"no_{need}", msg, MissingKeyError(msg))
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         skipped = 0
         want_image = "image" in self.needs
+        want_txt = bool(self.needs & {"txt", "tokens"})
+        embs = [n for n in ("img_emb", "txt_emb") if n in self.needs]
         for raw in src:
+            self.stats.add("samples_read")
+            if self.filters is not None:
+                try:
+                    keep = self.filters(raw)
+                except MissingKeyError as e:  # no (usable) json metadata
+                    self.faults.bad_sample("no_json", str(e), e)
+                    continue
+                if not keep:
+                    self.stats.add("filtered")
+                    continue
             out = {"key": raw["__key__"]}
-            if "txt" not in raw:
-                raise MissingKeyError(_missing_key_message("txt", "txt", raw))
-            out["txt"] = raw["txt"].decode("utf-8").strip()
-            for need in ("img_emb", "txt_emb"):
-                if need in self.needs:
-                    member = _NEED_TO_MEMBER[need]
-                    if member not in raw:
-                        raise MissingKeyError(_missing_key_message(need, member, raw))
-                    out[need] = decode_npy(raw[member])
-            if want_image:
+            if "txt" in raw:
+                out["txt"] = raw["txt"].decode("utf-8").strip()
+            elif want_txt:
+                self._missing("txt", "txt", raw)
+                continue
+            if want_image:  # before the embeddings: embed writes none for an image that does not decode
                 ext = next((e for e in IMAGE_EXTS if e in raw), None)
                 if ext is None:
-                    raise MissingKeyError(_missing_key_message("image", "png|jpg|webp", raw))
+                    self._missing("image", "png|jpg|webp", raw)
+                    continue
                 try:
                     out["image"] = decode_image(raw[ext], self.image_size, self.random_crop)
                 except DECODE_ERRORS as e:
@@ -78,16 +99,27 @@ class DecodeSamples:
                     self.stats.add("skipped_corrupt")
                     log.warning("skipping corrupt image: shard=%s key=%s (%s: %s)", raw.get("__url__"),
                                 raw["__key__"], type(e).__name__, e)
+                    self.faults.check()
                     continue
+            missing = next((n for n in embs if _NEED_TO_MEMBER[n] not in raw), None)
+            if missing is not None:
+                self._missing(missing, _NEED_TO_MEMBER[missing], raw)
+                continue
+            for need in embs:
+                out[need] = decode_npy(raw[_NEED_TO_MEMBER[need]])
             yield out
         if skipped:
             log.warning("end of pass: skipped %d corrupt image(s) in this worker (%d in total so far)", skipped,
                         self.stats.skipped_corrupt)
+        self.faults.check(final=True)
 
 
 def collate(samples: list[dict]) -> dict:
-    """Samples -> batch: ``key``/``txt`` lists, ``image`` float32 (B,3,H,W) in [-1,1], embeddings float32 (B,D)."""
-    batch = {"key": [s["key"] for s in samples], "txt": [s["txt"] for s in samples]}
+    """Samples -> batch: ``key``/``txt`` lists (``txt`` when every sample has a caption), ``image`` float32
+    (B,3,H,W) in [-1,1], embeddings float32 (B,D)."""
+    batch = {"key": [s["key"] for s in samples]}
+    if all("txt" in s for s in samples):
+        batch["txt"] = [s["txt"] for s in samples]
     if "image" in samples[0]:
         batch["image"] = images_to_tensor([s["image"] for s in samples])
     for k in ("img_emb", "txt_emb"):

@@ -24,8 +24,8 @@ import torch
 import webdataset as wds
 
 from .decode import VALID_NEEDS, DecodeSamples, collate
-from .stats import LoaderStats
-from .tar_reader import tar_samples
+from .stats import FaultPolicy, LoaderStats, expected_shards_per_rank
+from .tar_reader import TarSamples
 from .urls import expand_urls
 
 SHARD_ORDERS = ("pass", "cycled", "resampled")
@@ -201,7 +201,9 @@ def _shard_stages(url_list: list[str], order: TrainOrder | None) -> list:
 def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "txt"), image_size: int = 64,
                    batch_size: int = 32, order: TrainOrder | None = None, random_crop: bool = False,
                    tokenizer: Callable | None = None, batch_transform: Callable[[dict], dict] | None = None,
-                   stats: LoaderStats | None = None) -> wds.DataPipeline:
+                   stats: LoaderStats | None = None, sidecars: str | Sequence[str] | None = None,
+                   on_error: str = "raise", max_bad_fraction: float = 0.1,
+                   sample_filter: Callable[[dict], bool] | None = None) -> wds.DataPipeline:
     """Build the batched reading pipeline (an ``IterableDataset`` of batches; use ``batch_size=None`` in loaders).
 
     Args:
@@ -215,6 +217,12 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
         tokenizer: callable ``list[str] -> LongTensor (B, L)``; required when "tokens" is needed.
         batch_transform: picklable ``dict -> dict`` applied to every batch in the workers (e.g. :class:`AddKey`).
         stats: :class:`LoaderStats` to count into (a new one if None; available as ``pipeline.stats``).
+        sidecars: shard spec of a sidecar shard set (see :mod:`~unclip_pl.data.sidecar`), read in lockstep with the
+            shards: their members (embeddings) join the samples; None: the shards alone.
+        on_error / max_bad_fraction: ``"raise"``: a bad shard or a sample missing a needed member raises;
+            ``"skip"``: skipped and counted, failing past ``max_bad_fraction`` (see
+            :class:`~unclip_pl.data.stats.FaultPolicy`).
+        sample_filter: ``raw sample -> keep?`` (e.g. :class:`~unclip_pl.data.filters.SampleFilter`).
     Returns:
         ``wds.DataPipeline`` yielding dicts ``key`` (list[str]), ``txt`` (list[str]), and as needed ``image``
         float32 (B, 3, H, W) in [-1, 1], ``tokens`` int64 (B, L), ``img_emb``/``txt_emb`` float32 (B, D);
@@ -231,11 +239,18 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
     url_list = expand_urls(urls)
     stats = stats if stats is not None else LoaderStats()
 
+    _rank, world, _worker, _workers = wds.utils.pytorch_worker_info()
+    faults = FaultPolicy(stats, on_error, max_bad_fraction, expected_shards_per_rank(len(url_list), world))
+    if sidecars is not None:
+        from .sidecar import pair_sidecars
+
+        sidecars = pair_sidecars(url_list, sidecars)
+
     stages = _shard_stages(url_list, order)
-    stages.append(tar_samples)
+    stages.append(TarSamples(sidecars, faults))
     if order is not None and order.shuffle_buffer > 1:
         stages.append(ShuffleBuffer(order.shuffle_buffer))
-    stages.append(DecodeSamples(needs, image_size, random_crop, stats))
+    stages.append(DecodeSamples(needs, image_size, random_crop, stats, faults, sample_filter))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
     if "tokens" in needs:
         stages.append(MapBatches(Tokenize(tokenizer)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
@@ -221,6 +221,71 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
             yield sample
 
 
+class SidecarMismatch(ShardError):
+    """A sidecar shard's keys are not those of its image shard, in the same order (never skipped: a wrong path)."""
+
+
+def with_sidecar(samples: Iterable[dict], url: str, sidecar_url: str) -> Iterator[dict]:
+    """Merge the members of the sidecar shard ``sidecar_url`` into the samples of image shard ``url``, in lockstep.
+
+    Both shards hold the same keys in the same order (``embed`` writes one sidecar sample per image sample); a
+    sidecar member never replaces one of the image sample. A key mismatch, or one shard ending before the other,
+    raises :class:`SidecarMismatch` naming both shards.
+    """
+    side = iter_tar(sidecar_url)
+    for s in samples:
+        extra = next(side, None)
+        if extra is None or extra["__key__"] != s["__key__"]:
+            got = "its end" if extra is None else f"key {extra['__key__']!r}"
+            raise SidecarMismatch(f"sidecar shard {sidecar_url} does not match image shard {url}: image key "
+                                  f"{s['__key__']!r}, sidecar {got} (sidecar shards must come from these image "
+                                  f"shards, same keys in the same order)")
+        for k, v in extra.items():
+            if not k.startswith("__") and k not in s:
+                s[k] = v
+        yield s
+    extra = next(side, None)
+    if extra is not None:
+        raise SidecarMismatch(f"sidecar shard {sidecar_url} does not match image shard {url}: the image shard ended, "
+                              f"the sidecar has key {extra['__key__']!r} (sidecar shards must come from these image "
+                              f"shards, same keys in the same order)")
+
+
+class TarSamples:
+    """Pipeline stage: ``{"url", "pass"?}`` items -> raw samples (tagged ``__pass__``), sidecar members merged.
+
+    Args:
+        sidecars: ``{image shard url: sidecar shard url}`` (see :func:`with_sidecar`), or None.
+        faults: a :class:`~unclip_pl.data.stats.FaultPolicy`: with ``on_error: skip`` a truncated or unreadable
+            shard (image or sidecar) is skipped with one warning naming it; a sidecar key mismatch always raises.
+            None: every :class:`ShardError` raises.
+    """
+
+    def __init__(self, sidecars: dict[str, str] | None = None, faults=None):
+        self.sidecars, self.faults = sidecars, faults
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for item in src:
+            url, p = item["url"], item.get("pass")
+            samples = iter_tar(url)
+            if self.sidecars is not None:
+                samples = with_sidecar(samples, url, self.sidecars[url])
+            try:
+                for sample in samples:
+                    if p is not None:
+                        sample["__pass__"] = p
+                    yield sample
+            except SidecarMismatch:
+                raise
+            except ShardError as e:
+                if self.faults is None:
+                    raise
+                self.faults.bad_shard(url, e)
+            else:
+                if self.faults is not None:
+                    self.faults.shard_done()
+
+
 def count_samples(urls: Sequence[str]) -> int:
     """Count the samples (distinct keys) in local shards by scanning tar headers only."""
     total = 0
@@ -238,5 +303,5 @@ def count_samples(urls: Sequence[str]) -> int:
     return total
 
 
-
-__all__ = ["ShardError", "open_url", "iter_tar", "tar_samples", "count_samples"]
+__all__ = ["ShardError", "SidecarMismatch", "open_url", "iter_tar", "tar_samples", "with_sidecar", "TarSamples",
+           "count_samples"]

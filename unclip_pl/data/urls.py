@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import braceexpand
 
@@ -19,8 +19,9 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     """Expand a shard specification into a list of URLs.
 
     Accepts a list (each entry expanded), ``::``-separated strings, brace patterns (``shard-{000..009}.tar``),
-    globs (``dir/*.tar``), directories (all ``*.tar``/``*.tar.gz``/``*.tgz`` inside, sorted) and remote URLs
-    (``pipe:...``, ``s3://...`` and other fsspec/gopen URLs: brace-expanded, passed through unchecked).
+    globs (``dir/*``: the ``.tar``/``.tar.gz``/``.tgz`` files it matches), directories (all ``*.tar``/``*.tar.gz``/
+    ``*.tgz`` inside, sorted; other files such as img2dataset's ``.parquet`` and ``_stats.json`` are ignored) and
+    remote URLs (``pipe:...``, ``s3://...`` and other fsspec/gopen URLs: brace-expanded, passed through unchecked).
 
     Raises ``FileNotFoundError`` naming the pattern when a local pattern matches nothing (or names missing files).
     """
@@ -49,8 +50,8 @@ def _expand_one(pattern: str) -> list[str]:
         return found
     out, missing = [], []
     for p in braceexpand.braceexpand(local):
-        if glob.has_magic(p):
-            out.extend(sorted(glob.glob(p)))
+        if glob.has_magic(p):  # shard files only: not img2dataset's .parquet / _stats.json beside them
+            out.extend(sorted(f for f in glob.glob(p) if f.endswith(SHARD_EXTS)))
         elif os.path.isfile(p):
             out.append(p)
         else:
