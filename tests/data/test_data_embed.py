@@ -24,7 +24,7 @@ def two_shards(tmp_path):
 
 
 def test_embed_two_shards(two_shards, tmp_path, fake_clip):
-    outs = embed_shards(two_shards, tmp_path / "out", fake_clip, batch_size=3, progress=False)
+    outs = embed_shards(two_shards, tmp_path / "out", fake_clip, batch_size=3, progress=False, mode="copy")
     assert [os.path.basename(o) for o in outs] == ["shard-000000.tar", "shard-000001.tar"]
     assert sorted(os.listdir(tmp_path / "out")) == ["shard-000000.tar", "shard-000001.tar"]  # no temp files left
     ins = {s["__key__"]: s for u in two_shards for s in iter_tar(u)}

@@ -21,6 +21,7 @@ from .urls import expand_urls, is_remote
 log = logging.getLogger(__name__)
 
 EMB_NEEDS = {"img_emb", "txt_emb"}
+EMBEDDING_SOURCES = ("inline", "sidecar", "folder")
 
 
 def _source_id(urls: list[str]) -> str:
@@ -69,10 +70,25 @@ class ShardDataModule(pl.LightningDataModule):
             (default: the number of training samples, counted from the tar headers) capping each epoch, so
             ranks read disjoint shards and all run the same number of steps.
         random_crop: random (train) instead of centre crops.
-        embed_cache_dir: if set, and ``needs`` has img_emb/txt_emb, and ``clip`` is given, shards are embedded
-            once into ``embed_cache_dir/<clip.fingerprint>/{train,val}`` and read from there.
+        embed_cache_dir: if set, and ``needs`` has img_emb/txt_emb, and ``clip`` is given (and ``embeddings`` is
+            "inline"), shards are embedded once into sidecar shards under
+            ``embed_cache_dir/<clip.fingerprint>/{train,val}-<source id>-sidecar`` and read beside them.
+        embeddings: where ``img_emb``/``txt_emb`` come from: ``"inline"`` (members of the shards, or the embed
+            cache), ``"sidecar"`` (a sidecar shard set, ``sidecar_urls``, read in lockstep) or ``"folder"`` (an
+            embedding folder, ``embedding_folder`` (+ ``metadata_folder``), joined by key).
+        sidecar_urls / val_sidecar_urls: shard specs of the sidecar shards (matched to the image shards by file
+            name; ``val_sidecar_urls`` None: ``sidecar_urls``).
+        embedding_folder / metadata_folder: clip-retrieval / LAION embedding folder joined by ``key``.
+        on_error: ``"raise"`` (a bad shard or a sample missing a needed member stops the run) or ``"skip"``
+            (skipped, counted per reason in ``stats``, one warning per shard / reason); see
+            :class:`~unclip_pl.data.stats.FaultPolicy`.
+        max_bad_fraction: with ``"skip"``, the run fails with one line when more than this fraction of the shards
+            or samples read is bad.
+        filters: sample filters on img2dataset's json metadata, e.g. ``{"min_original_size": 256}`` (see
+            :class:`~unclip_pl.data.filters.SampleFilter`); dropped samples are counted in ``stats.filtered``.
     Attributes:
-        stats: ``{"train": LoaderStats, "val": LoaderStats}`` (samples delivered, corrupt images skipped).
+        stats: ``{"train": LoaderStats, "val": LoaderStats}`` (samples delivered and read, skipped per reason,
+            filtered, shards read and skipped).
     """
 
     def __init__(self, train_urls: str | Sequence[str] | None = None, val_urls: str | Sequence[str] | None = None,
@@ -82,7 +98,10 @@ class ShardDataModule(pl.LightningDataModule):
                  train_batch_transform: Callable[[dict], dict] | None = None, shuffle_buffer: int = 1000,
                  resampled: bool = False, epoch_length: int | None = None, random_crop: bool = False,
                  pin_memory: bool | None = None, persistent_workers: bool = True, seed: int = 0,
-                 embed_cache_dir: str | None = None, embed_batch_size: int = 256):
+                 embed_cache_dir: str | None = None, embed_batch_size: int = 256, embeddings: str = "inline",
+                 sidecar_urls: str | Sequence[str] | None = None, val_sidecar_urls: str | Sequence[str] | None = None,
+                 embedding_folder: str | None = None, metadata_folder: str | None = None, on_error: str = "raise",
+                 max_bad_fraction: float = 0.1, filters: dict | None = None):
         super().__init__()
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
@@ -101,6 +120,20 @@ class ShardDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.embed_cache_dir = embed_cache_dir
         self.embed_batch_size = int(embed_batch_size)
+        if embeddings not in EMBEDDING_SOURCES:
+            raise ValueError(f"data.embeddings={embeddings!r} is not one of {EMBEDDING_SOURCES}")
+        if embeddings == "sidecar" and sidecar_urls is None:
+            raise ValueError("data.embeddings=sidecar needs data.sidecar_urls (the embed command's output)")
+        if embeddings == "folder" and embedding_folder is None:
+            raise ValueError("data.embeddings=folder needs data.embedding_folder (img_emb/, text_emb/, metadata/)")
+        self.embeddings = embeddings
+        self.sidecar_urls = {"train": sidecar_urls, "val": val_sidecar_urls or sidecar_urls}
+        self.embedding_folder, self.metadata_folder = embedding_folder, metadata_folder
+        self.faults = dict(on_error=on_error, max_bad_fraction=float(max_bad_fraction))
+        from .filters import SampleFilter
+
+        self.sample_filter = SampleFilter.from_config(filters)
+        self._folder = None
         self.stats = {"train": LoaderStats(), "val": LoaderStats()}
         self.train_dataset = self.val_dataset = None
         self._train_workers = self._val_workers = 0
@@ -126,12 +159,31 @@ class ShardDataModule(pl.LightningDataModule):
         return needs
 
     def _embedding_wanted(self) -> bool:
-        return bool(self._check_needs() & EMB_NEEDS) and self.embed_cache_dir is not None and self.clip is not None
+        return (bool(self._check_needs() & EMB_NEEDS) and self.embed_cache_dir is not None and self.clip is not None
+                and self.embeddings == "inline")
 
     def embedded_dir(self, split: str, urls: list[str]) -> Path:
-        """``embed_cache_dir/<clip fingerprint>/<split>-<id of the source shards>`` (the id changes when the
-        source shards are rewritten, so a stale cache is never read)."""
-        return Path(self.embed_cache_dir) / str(self.clip.fingerprint) / f"{split}-{_source_id(urls)}"
+        """``embed_cache_dir/<clip fingerprint>/<split>-<id of the source shards>-sidecar`` (the id changes when
+        the source shards are rewritten, so a stale cache is never read)."""
+        return Path(self.embed_cache_dir) / str(self.clip.fingerprint) / f"{split}-{_source_id(urls)}-sidecar"
+
+    def _embedding_sources(self, split: str, urls: list[str]) -> dict:
+        """Pipeline arguments for the embeddings of ``split``: ``sidecars`` (a shard spec) or
+        ``embedding_folder``; empty when they are members of the shards (or not needed)."""
+        if not (self._check_needs() & EMB_NEEDS):
+            return {}
+        if self.embeddings == "sidecar":
+            return {"sidecars": self.sidecar_urls[split]}
+        if self.embeddings == "folder":
+            if self._folder is None:
+                from .embedding_folder import EmbeddingFolder
+
+                self._folder = EmbeddingFolder(self.embedding_folder, self.metadata_folder,
+                                               text="txt_emb" in self._check_needs())
+            return {"embedding_folder": self._folder}
+        if self._embedding_wanted():
+            return {"sidecars": str(self.embedded_dir(split, urls))}
+        return {}
 
     def _source_urls(self, split: str):
         return self.train_urls if split == "train" else self.val_urls
@@ -146,8 +198,9 @@ class ShardDataModule(pl.LightningDataModule):
             from .embed import embed_shards
 
             out = self.embedded_dir(split, urls)
-            log.info("embedding %s shards with CLIP %s into %s (cached)", split, self.clip.fingerprint, out)
-            urls = embed_shards(urls, out, self.clip, batch_size=self.embed_batch_size)
+            log.info("embedding %s shards with CLIP %s into %s (cached sidecar shards)", split,
+                     self.clip.fingerprint, out)
+            embed_shards(urls, out, self.clip, batch_size=self.embed_batch_size, mode="sidecar")
         return urls
 
     def _workers_for(self, urls: list[str], resampled: bool) -> int:
@@ -169,7 +222,8 @@ class ShardDataModule(pl.LightningDataModule):
         tokenizer = self.tokenizer
         if "tokens" in needs and tokenizer is None and self.clip is not None:
             tokenizer = getattr(self.clip, "loader_tokenizer", None) or self.clip.tokenize
-        common = dict(needs=needs, image_size=self.image_size, tokenizer=tokenizer)
+        common = dict(needs=needs, image_size=self.image_size, tokenizer=tokenizer, sample_filter=self.sample_filter,
+                      **self.faults)
         if stage in (None, "fit") and self.train_urls is not None:
             urls = self._urls("train")
             shards, epoch_length = ("resampled" if self.resampled else "pass"), self.epoch_length
@@ -186,7 +240,8 @@ class ShardDataModule(pl.LightningDataModule):
                                epoch_length=epoch_length)
             self.train_dataset = build_pipeline(
                 urls, batch_size=self.batch_size, order=order, random_crop=self.random_crop,
-                batch_transform=self.train_batch_transform, stats=self.stats["train"], **common)
+                batch_transform=self.train_batch_transform, stats=self.stats["train"], **common,
+                **self._embedding_sources("train", urls))
             self._train_workers = self._workers_for(urls, self.resampled)
             if shards != "pass":
                 n = batches_per_worker(epoch_length, self.batch_size, self.world_size, self._train_workers)
@@ -194,7 +249,7 @@ class ShardDataModule(pl.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_urls is not None:
             urls = self._urls("val")
             self.val_dataset = build_pipeline(urls, batch_size=self.val_batch_size, stats=self.stats["val"],
-                                              **common)
+                                              **common, **self._embedding_sources("val", urls))
             self._val_workers = self._workers_for(urls, False)
 
     def _loader(self, dataset, workers: int) -> DataLoader:
@@ -220,6 +275,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     def teardown(self, stage: str | None = None) -> None:
         for split, s in self.stats.items():
-            if s.skipped_corrupt:
-                log.warning("%s loader: skipped %d corrupt image(s) in total (%d samples delivered)", split,
-                            s.skipped_corrupt, s.samples)
+            counts = {k: v for k, v in s.as_dict().items() if v and (k.startswith("skipped_") or
+                                                                      k in ("filtered", "bad_shards"))}
+            if counts:
+                log.warning("%s loader: %s in total (%d samples delivered)", split,
+                            ", ".join(f"{k} {v}" for k, v in counts.items()), s.samples)

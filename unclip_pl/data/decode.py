@@ -106,7 +106,8 @@ class DecodeSamples:
                 self._missing(missing, _NEED_TO_MEMBER[missing], raw)
                 continue
             for need in embs:
-                out[need] = decode_npy(raw[_NEED_TO_MEMBER[need]])
+                v = raw[_NEED_TO_MEMBER[need]]  # .npy bytes, or an array joined from an embedding folder
+                out[need] = v if isinstance(v, np.ndarray) else decode_npy(v)
             yield out
         if skipped:
             log.warning("end of pass: skipped %d corrupt image(s) in this worker (%d in total so far)", skipped,

@@ -6,15 +6,23 @@ A ``webdataset.DataPipeline``::
     -> split_by_worker -> tar samples -> [sample shuffle buffer] -> decode (+ key checks) -> batch
     -> [tokenise] -> [batch transform] -> count -> [epoch cap]
 
+A training pipeline (``order`` given) is a :class:`TrainPipeline`: its order is a function of (seed, epoch, rank,
+worker) and it keeps a :class:`~unclip_pl.data.position.DataPosition` (skip and count before decoding, a position
+tag ``batch["__data_position__"]`` on every batch), so that a resumed run continues where it stopped
+(:mod:`unclip_pl.data.position`).
+
 Batches are dicts: ``key`` list[str] (B), ``txt`` list[str] (B) and, as requested, ``image`` float32 (B, 3, H, W)
 in [-1, 1], ``tokens`` int64 (B, L), ``img_emb`` / ``txt_emb`` float32 (B, D).
 
 Bad input: a corrupt image is skipped, counted and reported in one line; a sample without a needed member raises
 :class:`~unclip_pl.data.decode.MissingKeyError`; a truncated or unreadable tar raises
-:class:`~unclip_pl.data.tar_reader.ShardError`; a URL pattern matching nothing raises ``FileNotFoundError``.
+:class:`~unclip_pl.data.tar_reader.ShardError`; with ``on_error="skip"`` both are skipped and counted instead, up to
+``max_bad_fraction`` (:class:`~unclip_pl.data.stats.FaultPolicy`); a URL pattern matching nothing raises
+``FileNotFoundError``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -24,6 +32,7 @@ import torch
 import webdataset as wds
 
 from .decode import VALID_NEEDS, DecodeSamples, collate
+from .position import DataPosition, SkipAndCount, TagPosition, batches_consumed, stream_seed
 from .stats import FaultPolicy, LoaderStats, expected_shards_per_rank
 from .tar_reader import TarSamples
 from .urls import expand_urls
@@ -42,7 +51,8 @@ class TrainOrder:
             and take equal step counts (the multi-rank mode without resampling). ``"resampled"``: shards drawn with
             replacement forever by every rank and worker, ``epoch_length`` samples per epoch.
         shuffle_buffer: samples in the shuffle buffer (0 or 1: no sample shuffle).
-        seed: seed of the shard order (and of the resampling).
+        seed: seed of the shard order, of the resampling and of the sample shuffle (with the epoch, rank and
+            worker: :func:`~unclip_pl.data.position.stream_seed`).
         epoch_length: samples per epoch over all ranks and workers; required for ``"cycled"`` and ``"resampled"``,
             optional cap for ``"pass"``.
     """
@@ -65,14 +75,25 @@ class ShuffleBuffer:
 
     Own instead of ``wds.shuffle``: the buffer is drained at the end of the stream and whenever the ``__pass__``
     tag changes, so samples of one pass over the shard list never mix with the next (epochs stay a clean partition
-    across ranks). Uses the ``random`` module, which PyTorch seeds differently in every DataLoader worker.
+    across ranks). Its RNG is ``rng`` if given, else seeded from ``(seed, epoch, rank, worker)`` of the stream
+    (``position``; without one from ``seed`` alone), never the global ``random`` module (PyTorch seeds that per
+    worker from a random base seed), so a resumed stream shuffles as the interrupted one did.
     """
 
-    def __init__(self, bufsize: int, rng: random.Random | None = None):
-        self.bufsize, self.rng = int(bufsize), rng
+    def __init__(self, bufsize: int, rng: random.Random | None = None, seed: int = 0,
+                 position: DataPosition | None = None):
+        self.bufsize, self.rng, self.seed, self.position = int(bufsize), rng, int(seed), position
+
+    def _rng(self) -> random.Random:
+        if self.rng is not None:
+            return self.rng
+        if self.position is None:
+            return random.Random(stream_seed(self.seed, "shuffle"))
+        s = self.position.current()
+        return random.Random(stream_seed(self.seed, "shuffle", s.epoch, s.rank, s.worker))
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        rng = self.rng or random
+        rng = self._rng()
         buf: list[dict] = []
         current = None
         for sample in src:
@@ -107,12 +128,60 @@ class RepeatedShardList(torch.utils.data.IterableDataset):
         self.epoch += 1
         k = self.epoch
         while True:
-            order = list(self.urls)
-            if self.shuffle:
-                random.Random(self.seed * 1_000_003 + k).shuffle(order)
-            for u in order:
+            for u in pass_order(self.urls, self.seed, k) if self.shuffle else self.urls:
                 yield {"url": u, "pass": k}
             k += 1
+
+
+def pass_order(urls: Sequence[str], seed: int, k: int) -> list[str]:
+    """The shard order of pass ``k``: a permutation seeded by ``(seed, k)``, the same in every process."""
+    order = list(urls)
+    random.Random(stream_seed(seed, "pass", k)).shuffle(order)
+    return order
+
+
+class ShardOrder(torch.utils.data.IterableDataset):
+    """Source of a training pipeline: the ``{"url", "pass"}`` shard items of this rank and worker for the epoch of
+    ``position``, a function of (seed, epoch, rank, worker) only.
+
+    ``"pass"``: pass ``epoch`` (:func:`pass_order`); ``"cycled"``: passes ``epoch, epoch + 1, ...`` forever; both
+    split by rank and then by worker as ``split_by_node``/``split_by_worker`` do. ``"resampled"``: shards drawn with
+    replacement by an RNG seeded from ``(seed, epoch, rank, worker)``. On resume without a sample shuffle the
+    shards already read are skipped unopened (:meth:`DataPosition.shards_to_skip`).
+    """
+
+    def __init__(self, urls: Sequence[str], order: TrainOrder, position: DataPosition):
+        super().__init__()
+        self.urls, self.order, self.position = list(urls), order, position
+
+    def _items(self) -> Iterator[dict]:
+        s, seed = self.position.current(), self.order.seed
+        if self.order.shards == "resampled":
+            rng = random.Random(stream_seed(seed, "resampled", s.epoch, s.rank, s.worker))
+            while True:
+                yield {"url": rng.choice(self.urls), "pass": s.epoch}
+        passes = itertools.count(s.epoch) if self.order.shards == "cycled" else [s.epoch]
+        items = ({"url": u, "pass": k} for k in passes
+                 for u in (pass_order(self.urls, seed, k) if len(self.urls) > 1 else self.urls))
+        yield from itertools.islice(itertools.islice(items, s.rank, None, s.world), s.worker, None, s.workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        skip = self.position.shards_to_skip()
+        for i, item in enumerate(self._items()):
+            self.position.shard_started()
+            if i >= skip:
+                yield item
+
+
+class TrainPipeline(wds.DataPipeline):
+    """A ``DataPipeline`` that begins its :class:`~unclip_pl.data.position.DataPosition` at the start of every
+    iteration (inside the reading process), before any stage runs."""
+
+    position: DataPosition
+
+    def iterator1(self):
+        self.position.begin()
+        return super().iterator1()
 
 
 def batches_per_worker(epoch_length: int, batch_size: int, world_size: int, num_workers: int) -> int:
@@ -124,15 +193,18 @@ class EpochCap:
     """Pipeline stage: stop after ``epoch_length`` samples in total over all ranks and workers (batch granularity).
 
     Own instead of ``with_epoch`` (a fixed per-worker count that restarts a pipeline ending early): world size and
-    worker count are read at iteration time, inside the worker, and a finite pass ends where it ends.
+    worker count are read at iteration time, inside the worker, and a finite pass ends where it ends. With a
+    ``position``, the batches a resumed stream already delivered count towards the cap.
     """
 
-    def __init__(self, epoch_length: int, batch_size: int):
-        self.epoch_length, self.batch_size = int(epoch_length), int(batch_size)
+    def __init__(self, epoch_length: int, batch_size: int, position: DataPosition | None = None):
+        self.epoch_length, self.batch_size, self.position = int(epoch_length), int(batch_size), position
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         _rank, world, _worker, workers = wds.utils.pytorch_worker_info()
         n = batches_per_worker(self.epoch_length, self.batch_size, world, workers)
+        if self.position is not None:
+            n -= batches_consumed(self.position)
         for i, batch in enumerate(src):
             if i >= n:
                 break
@@ -185,17 +257,10 @@ class CountSamples:
         return batch
 
 
-def _shard_stages(url_list: list[str], order: TrainOrder | None) -> list:
+def _shard_stages(url_list: list[str], order: TrainOrder | None, position: DataPosition | None = None) -> list:
     if order is None:
         return [wds.SimpleShardList(url_list), wds.split_by_node, wds.split_by_worker]
-    if order.shards == "resampled":
-        return [wds.ResampledShards(url_list, seed=order.seed)]
-    if order.shards == "cycled":
-        return [RepeatedShardList(url_list, seed=order.seed), wds.split_by_node, wds.split_by_worker]
-    stages: list = [wds.SimpleShardList(url_list)]
-    if len(url_list) > 1:
-        stages.append(wds.detshuffle(bufsize=len(url_list), initial=len(url_list), seed=order.seed))
-    return stages + [wds.split_by_node, wds.split_by_worker]
+    return [ShardOrder(url_list, order, position)]
 
 
 def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "txt"), image_size: int = 64,
@@ -203,7 +268,8 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
                    tokenizer: Callable | None = None, batch_transform: Callable[[dict], dict] | None = None,
                    stats: LoaderStats | None = None, sidecars: str | Sequence[str] | None = None,
                    on_error: str = "raise", max_bad_fraction: float = 0.1,
-                   sample_filter: Callable[[dict], bool] | None = None) -> wds.DataPipeline:
+                   sample_filter: Callable[[dict], bool] | None = None,
+                   embedding_folder=None, position: DataPosition | None = None) -> wds.DataPipeline:
     """Build the batched reading pipeline (an ``IterableDataset`` of batches; use ``batch_size=None`` in loaders).
 
     Args:
@@ -223,10 +289,15 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
             ``"skip"``: skipped and counted, failing past ``max_bad_fraction`` (see
             :class:`~unclip_pl.data.stats.FaultPolicy`).
         sample_filter: ``raw sample -> keep?`` (e.g. :class:`~unclip_pl.data.filters.SampleFilter`).
+        embedding_folder: an :class:`~unclip_pl.data.embedding_folder.EmbeddingFolder` whose embeddings join the
+            samples by key (see :class:`~unclip_pl.data.sidecar.JoinEmbeddingFolder`); None: none.
+        position: training only: the :class:`~unclip_pl.data.position.DataPosition` the main process drives (epoch,
+            skips on resume); None: a new one, undriven (each iteration starts the next epoch). Training batches
+            carry ``batch["__data_position__"]``.
     Returns:
         ``wds.DataPipeline`` yielding dicts ``key`` (list[str]), ``txt`` (list[str]), and as needed ``image``
         float32 (B, 3, H, W) in [-1, 1], ``tokens`` int64 (B, L), ``img_emb``/``txt_emb`` float32 (B, D);
-        ``pipeline.urls`` is the expanded shard list.
+        ``pipeline.urls`` is the expanded shard list; for training a :class:`TrainPipeline` (``.position``).
     """
     needs = set(needs)
     unknown = needs - VALID_NEEDS
@@ -246,10 +317,18 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
 
         sidecars = pair_sidecars(url_list, sidecars)
 
-    stages = _shard_stages(url_list, order)
+    if order is not None and position is None:
+        position = DataPosition(0, shard_skip=order.shuffle_buffer <= 1)
+    stages = _shard_stages(url_list, order, position)
     stages.append(TarSamples(sidecars, faults))
     if order is not None and order.shuffle_buffer > 1:
-        stages.append(ShuffleBuffer(order.shuffle_buffer))
+        stages.append(ShuffleBuffer(order.shuffle_buffer, seed=order.seed, position=position))
+    if order is not None:
+        stages.append(SkipAndCount(position))
+    if embedding_folder is not None:
+        from .sidecar import JoinEmbeddingFolder
+
+        stages.append(JoinEmbeddingFolder(embedding_folder, [n for n in ("img_emb", "txt_emb") if n in needs]))
     stages.append(DecodeSamples(needs, image_size, random_crop, stats, faults, sample_filter))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
     if "tokens" in needs:
@@ -257,13 +336,20 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
     if batch_transform is not None:
         stages.append(MapBatches(batch_transform))
     stages.append(MapBatches(CountSamples(stats)))
+    if order is not None:
+        stages.append(TagPosition(position))
     if order is not None and order.epoch_length:
-        stages.append(EpochCap(order.epoch_length, batch_size))
-    pipeline = wds.DataPipeline(*stages)
+        stages.append(EpochCap(order.epoch_length, batch_size, position))
+    if order is None:
+        pipeline = wds.DataPipeline(*stages)
+    else:
+        pipeline = TrainPipeline(*stages)
+        pipeline.position = position
     pipeline.stats = stats
     pipeline.urls = url_list
     return pipeline
 
 
-__all__ = ["SHARD_ORDERS", "TrainOrder", "ShuffleBuffer", "RepeatedShardList", "batches_per_worker", "EpochCap",
-           "MapBatches", "Tokenize", "AddKey", "CountSamples", "build_pipeline"]
+__all__ = ["SHARD_ORDERS", "TrainOrder", "ShuffleBuffer", "RepeatedShardList", "pass_order", "ShardOrder",
+           "TrainPipeline", "batches_per_worker", "EpochCap", "MapBatches", "Tokenize", "AddKey", "CountSamples",
+           "build_pipeline"]

@@ -1,15 +1,21 @@
-"""Sidecar shard sets: CLIP embeddings kept beside the image shards instead of inside them.
+"""Embeddings kept beside the image shards instead of inside them: sidecar shard sets, and embedding folders.
 
 A sidecar shard has the file name of its image shard and one sample per image sample, same keys, same order:
 ``KEY.img_emb.npy`` (the image's CLIP embedding, float16 ``(D,)``), ``KEY.txt_emb.npy`` where the sample has a
 caption, or ``KEY.embed_error.txt`` (why there is no embedding, e.g. an image that does not decode). Written by
 ``python -m unclip_pl.data.embed`` (its default mode); read in lockstep with the image shards by
 :func:`~unclip_pl.data.tar_reader.with_sidecar`, so the image shards are never rewritten.
+
+An embedding folder (clip-retrieval / LAION layout, :class:`~unclip_pl.data.embedding_folder.EmbeddingFolder`) is
+joined by key instead: :class:`JoinEmbeddingFolder` looks each sample's key (img2dataset's ``key``, which
+clip-retrieval carries into the metadata parquet) up in the folder's key index.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+
+import numpy as np
 
 from .urls import expand_urls
 
@@ -49,4 +55,31 @@ def pair_sidecars(urls: Sequence[str], sidecar_spec) -> dict[str, str]:
     return {u: by_name[shard_name(u)] for u in urls}
 
 
-__all__ = ["ERROR_MEMBER", "shard_name", "pair_sidecars"]
+class JoinEmbeddingFolder:
+    """Pipeline stage: raw samples -> the same samples with ``img_emb.npy`` (and ``txt_emb.npy``) from ``folder``.
+
+    The members are float32 arrays ``(D,)`` (the decode stage takes arrays or ``.npy`` bytes). A key the folder
+    does not hold gets no member (the decode stage then raises or, with ``on_error: skip``, skips and counts
+    ``no_img_emb``). The key index is built once per process (each loader worker), on its first sample.
+
+    Args:
+        folder: an :class:`~unclip_pl.data.embedding_folder.EmbeddingFolder` (opened with its metadata: keys).
+        fields: ``"img_emb"`` and/or ``"txt_emb"``.
+    """
+
+    def __init__(self, folder, fields=("img_emb", "txt_emb")):
+        self.folder, self.fields = folder, tuple(fields)
+
+    def __call__(self, src):
+        index = None
+        for s in src:
+            if index is None:
+                index = self.folder.key_index()
+            hit = index.get(s["__key__"])
+            if hit is not None:
+                for f in self.fields:
+                    s.setdefault(f"{f}.npy", np.asarray(self.folder.array(f, hit[0])[hit[1]], np.float32))
+            yield s
+
+
+__all__ = ["ERROR_MEMBER", "shard_name", "pair_sidecars", "JoinEmbeddingFolder"]
