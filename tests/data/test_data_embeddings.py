@@ -100,3 +100,196 @@ def test_malformed_folders_fail_in_one_line(tmp_path, damage, message):
     with pytest.raises(EmbeddingFolderError, match=message) as e:
         EmbeddingFolder(tmp_path)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ split
+def test_files_split_holds_out_the_last_files_and_is_disjoint(tmp_path):
+    from unclip_pl.data.embedding_folder import split_folder
+
+    write_embedding_folder(tmp_path, [4, 5, 6])
+    folder = EmbeddingFolder(tmp_path)
+    train, val, how = split_folder(folder, "files", val_files=1)
+    assert [p.file for p in train] == [0, 1] and [p.file for p in val] == [2]
+    assert "train 9 rows, val 6 rows" in how and "last 1 file(s) (2)" in how
+    with pytest.raises(ValueError, match="so that one is left to train on"):
+        split_folder(folder, "files", val_files=3)
+
+
+def _rows_of(parts, folder):
+    out = set()
+    for p in parts:
+        rows = range(folder.files[p.file].rows) if p.rows is None else p.rows.tolist()
+        out |= {(p.file, r) for r in rows}
+    return out
+
+
+def test_hash_split_is_deterministic_disjoint_and_follows_the_key(tmp_path):
+    from unclip_pl.data.embedding_folder import key_hash_fraction, split_folder
+
+    write_embedding_folder(tmp_path, [60, 50])
+    folder = EmbeddingFolder(tmp_path)
+    train, val, how = split_folder(folder, "hash", val_fraction=0.2)
+    again = split_folder(EmbeddingFolder(tmp_path), "hash", val_fraction=0.2)
+    assert [p.rows.tolist() for p in val] == [p.rows.tolist() for p in again[1]]
+    t, v = _rows_of(train, folder), _rows_of(val, folder)
+    assert not t & v and len(t | v) == 110 and 5 < len(v) < 40
+    assert all((key_hash_fraction(folder.keys(f, [r])[0]) < 0.2) == ((f, r) in v) for f, r in t | v)
+    assert f"val {len(v)} rows" in how
+
+
+# ------------------------------------------------------------------------------------------------ order, ranks, workers
+def test_pass_order_is_a_seeded_permutation_new_each_pass(tmp_path):
+    from unclip_pl.data.embedding_folder import PassOrder, split_folder
+
+    write_embedding_folder(tmp_path, [7, 9, 4])
+    folder = EmbeddingFolder(tmp_path)
+    parts = split_folder(folder, "files", val_files=0)[0]
+
+    def seq(seed, p, window=5):
+        f, r = PassOrder(parts, seed, p, window).take(0, 20)
+        return list(zip(f.tolist(), r.tolist()))
+
+    assert sorted(seq(0, 0)) == sorted(_rows_of(parts, folder)) and len(set(seq(0, 0))) == 20
+    assert seq(0, 0) == seq(0, 0) and seq(0, 0) != seq(0, 1) and seq(0, 0) != seq(1, 0)
+    order = PassOrder(parts, 3, 2, window=5)  # windows read piecewise give the same sequence as at once
+    pieces = [order.take(a, a + 3) for a in range(0, 20, 3)]
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), PassOrder(parts, 3, 2, 5).take(0, 20)[1])
+
+
+def _tokenizer():
+    from tests.data.data_testutils import FakeCLIP
+
+    return FakeCLIP().tokenize
+
+
+def _run_rank(folder, parts, rank, world, workers=0, batch=4, position=(0, 0), seed=0):
+    from torch.utils.data import DataLoader
+
+    from unclip_pl.data.embedding_folder import POSITION_KEY, EmbeddingBatches
+
+    ds = EmbeddingBatches(folder, parts, batch, train=True, tokenizer=_tokenizer(), seed=seed, window=8,
+                          rank=rank, world_size=world)
+    ds.position = position
+    out = list(DataLoader(ds, batch_size=None, num_workers=workers))
+    for b in out:
+        assert b["img_emb"].dtype.is_floating_point and b["img_emb"].dtype.itemsize == 4
+        assert b["tokens"].shape[0] == len(b["key"]) == batch
+    return ds, [b["key"] for b in out], [b[POSITION_KEY] for b in out]
+
+
+def test_ranks_read_disjoint_rows_and_take_the_same_number_of_steps(tmp_path):
+    write_embedding_folder(tmp_path, [13, 11, 15])
+    folder = EmbeddingFolder(tmp_path)
+    from unclip_pl.data.embedding_folder import split_folder
+
+    parts = split_folder(folder, "files", val_files=0)[0]
+    ranks = [_run_rank(folder, parts, r, 3)[1] for r in range(3)]
+    steps = {len(keys) for keys in ranks}
+    assert steps == {39 // 12}  # 39 rows, global batch 3 x 4: every rank takes 3 steps
+    flat = [k for keys in ranks for batch in keys for k in batch]
+    assert len(flat) == len(set(flat)) == 36
+    # step k of rank r holds the r-th four of global step k's positions: ranks in lockstep over one sequence
+    ds, one_rank, _ = _run_rank(folder, parts, 0, 1, batch=12)
+    assert [sum((ranks[r][k] for r in range(3)), []) for k in range(3)] == one_rank
+
+
+def test_workers_make_disjoint_steps_handed_out_in_step_order(tmp_path):
+    from unclip_pl.data.embedding_folder import split_folder
+
+    write_embedding_folder(tmp_path, [21, 19])
+    folder = EmbeddingFolder(tmp_path)
+    parts = split_folder(folder, "files", val_files=0)[0]
+    _, alone, pos0 = _run_rank(folder, parts, 1, 2)
+    _, two_workers, pos2 = _run_rank(folder, parts, 1, 2, workers=2)
+    assert two_workers == alone and pos2 == pos0 and len(alone) == 5  # 40 // 8
+    assert [p[1] for p in pos0] == [8, 16, 24, 32, 40]
+
+
+def test_the_position_resumes_the_same_sequence(tmp_path):
+    from unclip_pl.data.embedding_folder import split_folder
+
+    write_embedding_folder(tmp_path, [17, 23])
+    folder = EmbeddingFolder(tmp_path)
+    parts = split_folder(folder, "files", val_files=0)[0]
+    ds, full, positions = _run_rank(folder, parts, 0, 2, seed=5)
+    n = 2
+    _, rest, _ = _run_rank(folder, parts, 0, 2, seed=5, position=positions[n - 1])
+    assert rest == full[n:]
+    assert ds.next_position(*positions[-1]) == (1, 0)  # after the last full step: the next pass
+    _, next_pass, _ = _run_rank(folder, parts, 0, 2, seed=5, position=(1, 0))
+    assert next_pass != full and sorted(sum(next_pass, [])) != sorted(sum(full, []))  # a new shuffle
+
+
+# ------------------------------------------------------------------------------------------------ the data module
+class _Trainer:
+    """What the data module reads of a Trainer: rank, world size, whether it is training."""
+
+    def __init__(self, rank=0, world=1):
+        self.global_rank, self.world_size, self.training = rank, world, True
+
+
+def _module(tmp_path, **kw):
+    from unclip_pl.data.embedding_folder import EmbeddingDataModule
+
+    args = dict(batch_size=4, num_workers=0, tokenizer=_tokenizer(), shuffle_window=8, seed=3, pin_memory=False)
+    args.update(kw)
+    return EmbeddingDataModule(str(tmp_path), **args)
+
+
+def _consume(dm, steps=None):
+    keys = []
+    for i, batch in enumerate(dm.train_dataloader()):
+        if steps is not None and i >= steps:
+            break
+        batch = dm.on_before_batch_transfer(batch, 0)
+        assert set(batch) == {"key", "txt", "tokens", "img_emb", "txt_emb"}
+        keys.append(batch["key"])
+    return keys
+
+
+def test_data_module_state_continues_the_sequence_across_passes(tmp_path, caplog):
+    import logging
+
+    write_embedding_folder(tmp_path, [10, 9, 8])  # train: files 0, 1 (19 rows): 4 steps of 4 per pass
+    dm = _module(tmp_path)
+    dm.trainer = _Trainer()
+    with caplog.at_level(logging.INFO, logger="unclip_pl.data.embedding_folder"):
+        dm.setup("fit")
+    assert "split=files: val = the last 1 file(s) (2); train 19 rows, val 8 rows" in caplog.text
+    assert "4 steps per pass (3 rows left out per pass)" in caplog.text
+    uninterrupted = _consume(dm) + _consume(dm)  # two passes (epochs)
+    assert dm.state_dict()["pass"] == 2
+
+    first = _module(tmp_path)
+    first.trainer = _Trainer()
+    first.setup("fit")
+    head = _consume(first) + _consume(first, steps=2)  # one pass and two steps, then "preempted"
+    state = first.state_dict()
+    assert {k: state[k] for k in ("pass", "samples", "seed", "samples_per_rank")} == \
+        {"pass": 1, "samples": 8, "seed": 3, "samples_per_rank": 8}
+    resumed = _module(tmp_path, seed=99)  # the checkpoint's seed wins
+    resumed.trainer = _Trainer()
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    assert head + _consume(resumed) == uninterrupted
+    val = [b["key"] for b in resumed.val_dataloader()]
+    assert sum(val, []) == [f"002{r:05d}" for r in range(8)]  # val: the held-out file, in order
+
+
+def test_data_module_errors_are_one_line(tmp_path):
+    from unclip_pl.utils.config import ConfigError
+
+    write_embedding_folder(tmp_path, [6, 6], dim=8)
+
+    class Clip:
+        embed_dim, model_name = 128, "unclip-tiny"
+
+    with pytest.raises(ConfigError, match=r"holds 8-d CLIP embeddings but this run's CLIP \(unclip-tiny\) is "
+                                          r"128-d: pass the CLIP .* clip=vit_l14"):
+        _module(tmp_path, clip=Clip()).setup("fit")
+    with pytest.raises(ConfigError, match=r"not \['image'\]: it trains the prior"):
+        _module(tmp_path, needs=("image", "txt"))
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        _module(tmp_path, batch_size=7).setup("fit")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        _module(tmp_path / "nope").setup("fit")

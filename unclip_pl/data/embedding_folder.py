@@ -24,13 +24,20 @@ are far above what the caption tokenizer allows, which bounds the loader.
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
 
 #: File name patterns of the three parts of a folder (``N``: the file number).
 PATTERNS = {"img_emb": re.compile(r"^img_emb_(\d+)\.npy$"), "txt_emb": re.compile(r"^text_emb_(\d+)\.npy$"),
@@ -301,4 +308,397 @@ def key_hash_fraction(key: str) -> float:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
 
 
-__all__ = ["PATTERNS", "EmbeddingFolderError", "EmbeddingFile", "EmbeddingFolder", "key_hash_fraction"]
+
+
+# ---------------------------------------------------------------------------------------------------- split
+@dataclass(frozen=True)
+class Part:
+    """The rows of one file in a split: file index ``file``, ``rows`` (int64 row numbers, increasing; None: all
+    rows of the file) and their ``count``."""
+
+    file: int
+    rows: np.ndarray | None
+    count: int
+
+
+SPLITS = ("files", "hash")
+
+
+def split_folder(folder: EmbeddingFolder, split: str = "files", val_files: int = 1, val_fraction: float = 0.01
+                 ) -> tuple[list[Part], list[Part], str]:
+    """The deterministic train/val split of ``folder``: (train parts, val parts, a one-line description).
+
+    ``split="files"``: the last ``val_files`` files (by number) are val, the others train; nothing but the file
+    list is read. ``split="hash"``: a row is val when :func:`key_hash_fraction` of its key is below
+    ``val_fraction`` (the same key is on the same side in any folder; reads every key column once, about a second
+    per million rows).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"data.split={split!r} is not one of {SPLITS}")
+    nfiles = len(folder.files)
+    if split == "files":
+        val_files = int(val_files)
+        if not 0 <= val_files < nfiles:
+            raise ValueError(f"data.val_files={val_files} must be at least 0 and below the {nfiles} file(s) of "
+                             f"{folder.root}, so that one is left to train on (or use data.split=hash)")
+        parts = [Part(i, None, f.rows) for i, f in enumerate(folder.files)]
+        train, val = parts[:nfiles - val_files], parts[nfiles - val_files:]
+        how = (f"split=files: val = the last {val_files} file(s) "
+               f"({', '.join(str(folder.files[p.file].number) for p in val) or 'none'})")
+    else:
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        train, val = [], []
+        for i in range(nfiles):
+            frac = np.array([key_hash_fraction(k) for k in folder.keys(i)])
+            is_val = frac < float(val_fraction)
+            for side, mask in ((val, is_val), (train, ~is_val)):
+                rows = np.flatnonzero(mask)
+                if len(rows):
+                    side.append(Part(i, rows.astype(np.int64), len(rows)))
+        how = f"split=hash: val = keys whose BLAKE2b hash falls below {val_fraction}"
+    ntrain, nval = sum(p.count for p in train), sum(p.count for p in val)
+    if ntrain == 0:
+        raise ValueError(f"the {split} split of {folder.root} leaves no training rows")
+    return train, val, f"{how}; train {ntrain} rows, val {nval} rows"
+
+
+# ---------------------------------------------------------------------------------------------------- order
+class PassOrder:
+    """The sample sequence of one pass over ``parts``: position ``0 .. total-1`` -> (file index, row).
+
+    With ``shuffle``: the parts (files) in a random order drawn from ``(seed, pass_index)``, their rows
+    concatenated and cut into windows of ``window`` positions, the rows inside each window permuted (seeded by
+    ``(seed, pass_index, window number)``). The same arguments give the same sequence in every process, so each
+    rank and worker can take its own positions without any communication; memory is one window, and the reads of
+    a window touch only the few files it spans. Without ``shuffle``: parts and rows in order.
+    """
+
+    def __init__(self, parts: Sequence[Part], seed: int = 0, pass_index: int = 0, window: int = 1 << 20,
+                 shuffle: bool = True):
+        self.parts, self.seed, self.pass_index, self.shuffle = list(parts), int(seed), int(pass_index), shuffle
+        self.window = max(1, int(window))
+        if shuffle and len(self.parts) > 1:
+            self.order = np.random.default_rng([self.seed, self.pass_index, 0]).permutation(len(self.parts))
+        else:
+            self.order = np.arange(len(self.parts))
+        counts = np.array([self.parts[i].count for i in self.order], np.int64)
+        self.ends = np.cumsum(counts)
+        self.starts = self.ends - counts
+        self.total = int(self.ends[-1]) if len(counts) else 0
+        self._windows: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        if w in self._windows:
+            return self._windows[w]
+        a, b = w * self.window, min((w + 1) * self.window, self.total)
+        pos = np.arange(a, b, dtype=np.int64)
+        j = np.searchsorted(self.ends, pos, side="right")  # index into self.order
+        local = pos - self.starts[j]
+        files = np.empty(len(pos), np.int64)
+        rows = np.empty(len(pos), np.int64)
+        for jj in np.unique(j):
+            part = self.parts[self.order[jj]]
+            sel = j == jj
+            files[sel] = part.file
+            rows[sel] = local[sel] if part.rows is None else part.rows[local[sel]]
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, self.pass_index, 1, w]).permutation(len(pos))
+            files, rows = files[perm], rows[perm]
+        self._windows[w] = (files, rows)
+        while len(self._windows) > 2:
+            self._windows.popitem(last=False)
+        return files, rows
+
+    def take(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(file indices, rows) of positions ``a .. b-1`` (int64 arrays)."""
+        b = min(b, self.total)
+        files, rows = [], []
+        while a < b:
+            w = a // self.window
+            end = min(b, (w + 1) * self.window)
+            f, r = self._window(w)
+            off = w * self.window
+            files.append(f[a - off:end - off])
+            rows.append(r[a - off:end - off])
+            a = end
+        if not files:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(files), np.concatenate(rows)
+
+
+# ---------------------------------------------------------------------------------------------------- dataset
+#: Batch entry carrying the data position after the batch (removed by the data module before the model sees it).
+POSITION_KEY = "__data_position__"
+EMB_FIELDS = ("img_emb", "txt_emb")
+
+
+class EmbeddingBatches(IterableDataset):
+    """Batches of an embedding folder for one rank (an ``IterableDataset`` of dicts; use ``batch_size=None``).
+
+    Training (``train=True``): pass ``p`` walks :class:`PassOrder` ``(seed, p)`` of ``parts``. Global step ``k``
+    takes positions ``[start + k*B*R, start + (k+1)*B*R)`` (B: batch size, R: world size) and rank ``r`` the
+    ``r``-th B of them, so ranks read disjoint rows; every rank takes ``(total - start) // (B*R)`` steps (the
+    remainder of a pass, under one global batch, is left out of that pass). Loader worker ``w`` of ``W`` makes
+    steps ``w, w+W, ...``, which the DataLoader hands out in step order. ``position`` = ``(pass, start)``: where
+    the next iteration starts (global samples consumed in that pass); every batch carries the position after it
+    under :data:`POSITION_KEY`.
+
+    Evaluation (``train=False``): the parts in order, rank ``r`` the ``r``-th contiguous share, batches of
+    ``batch_size`` (the last one smaller), one pass.
+
+    Batches: ``key``, ``txt`` list[str] (B); ``img_emb``, ``txt_emb`` float32 (B, D); ``tokens`` int64 (B, L)
+    (tokenised here, in the worker), as ``fields`` asks; then ``batch_transform``.
+    """
+
+    def __init__(self, folder: EmbeddingFolder, parts: Sequence[Part], batch_size: int, train: bool = True,
+                 fields: Iterable[str] = ("img_emb", "txt_emb", "txt", "key", "tokens"),
+                 tokenizer: Callable | None = None, seed: int = 0, window: int = 1 << 20, rank: int = 0,
+                 world_size: int = 1, batch_transform: Callable[[dict], dict] | None = None):
+        super().__init__()
+        self.folder, self.parts, self.batch_size, self.train = folder, list(parts), int(batch_size), bool(train)
+        self.fields = tuple(fields)
+        if "tokens" in self.fields and tokenizer is None:
+            raise ValueError("tokens are needed but no tokenizer was given (pass the CLIP's)")
+        self.tokenizer, self.seed, self.window = tokenizer, int(seed), int(window)
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
+        self.batch_transform = batch_transform
+        self.total = sum(p.count for p in self.parts)
+        self.position = (0, 0)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def steps_in_pass(self, start: int = 0) -> int:
+        """Training steps every rank takes in a pass from global sample ``start``."""
+        return max(0, (self.total - int(start)) // self.global_batch)
+
+    def _rank_range(self) -> tuple[int, int]:
+        return self.total * self.rank // self.world_size, self.total * (self.rank + 1) // self.world_size
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.steps_in_pass(0)
+        lo, hi = self._rank_range()
+        return math.ceil((hi - lo) / self.batch_size)
+
+    def next_position(self, pass_index: int, consumed: int) -> tuple[int, int]:
+        """The position after a training batch that ends at ``consumed``: the next pass when no full step is left."""
+        return (pass_index + 1, 0) if self.steps_in_pass(consumed) == 0 else (pass_index, consumed)
+
+    def _batch(self, files: np.ndarray, rows: np.ndarray) -> dict:
+        want = [f for f in self.fields if f != "tokens"]
+        if "tokens" in self.fields and "txt" not in want:
+            want.append("txt")
+        raw = self.folder.gather(files, rows, want)
+        batch = {"key": raw.get("key") or [f"{self.folder.files[f].number}_{r}" for f, r in zip(files, rows)],
+                 "txt": raw.get("txt", [])}
+        for f in EMB_FIELDS:
+            if f in raw:
+                batch[f] = torch.from_numpy(raw[f])
+        if "tokens" in self.fields:
+            batch["tokens"] = torch.as_tensor(self.tokenizer(batch["txt"]), dtype=torch.long)
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch)
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = self.batch_size
+        if not self.train:
+            order = PassOrder(self.parts, window=self.window, shuffle=False)
+            lo, hi = self._rank_range()
+            for k in range(worker, math.ceil((hi - lo) / b), workers):
+                yield self._batch(*order.take(lo + k * b, min(lo + (k + 1) * b, hi)))
+            return
+        pass_index, start = self.position
+        order = PassOrder(self.parts, self.seed, pass_index, self.window, shuffle=True)
+        gb = self.global_batch
+        for k in range(worker, self.steps_in_pass(start), workers):
+            a = start + k * gb + self.rank * b
+            batch = self._batch(*order.take(a, a + b))
+            batch[POSITION_KEY] = (pass_index, start + (k + 1) * gb)
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------- data module
+class EmbeddingDataModule(pl.LightningDataModule):
+    """Train/val batches from an embedding folder (:class:`EmbeddingFolder`), for the prior: no images are read.
+
+    Batches are those of the shard loaders for the prior: ``key``, ``txt`` list[str] (B), ``img_emb`` /
+    ``txt_emb`` float32 (B, D) (float16 on disk), ``tokens`` int64 (B, L) tokenised in the loader workers.
+
+    The split is deterministic (:func:`split_folder`) and logged with its counts. With several ranks, each rank
+    reads its own rows of a shared per-pass order and all ranks take the same number of steps
+    (:class:`EmbeddingBatches`); the shuffle is seeded by ``(seed, pass)``. ``state_dict()`` holds the data
+    position (pass, seed, samples consumed over all ranks and per rank, global batch), saved in every checkpoint,
+    and ``load_state_dict()`` makes a resumed run continue the same sample sequence from there. Loader workers are
+    started anew each epoch (never persistent) so that each pass starts where the data module says.
+
+    Args:
+        embedding_folder: folder with ``img_emb/`` and ``text_emb/``.
+        metadata_folder: folder of ``metadata_{N}.parquet`` (None: ``embedding_folder/metadata``).
+        batch_size / val_batch_size: samples per batch per device (None: 64; val defaults to ``batch_size``).
+        num_workers: DataLoader workers.
+        needs: batch keys to deliver, a subset of {"tokens", "txt", "img_emb", "txt_emb"} (the training entry
+            passes the stage's); "image" is an error: the folder holds no images.
+        tokenizer / clip: the tokenizer for ``tokens`` (None: ``clip.loader_tokenizer``). When ``clip`` is given
+            its ``embed_dim`` must be the folder's D.
+        split / val_files / val_fraction: see :func:`split_folder`.
+        shuffle_window: positions whose rows are shuffled together (see :class:`PassOrder`).
+        seed: seed of the per-pass shuffle.
+        caption_column / key_column: metadata column names.
+        train_batch_transform: picklable ``dict -> dict`` run on training batches in the workers.
+    """
+
+    def __init__(self, embedding_folder: str, metadata_folder: str | None = None, batch_size: int | None = None,
+                 val_batch_size: int | None = None, num_workers: int = 2,
+                 needs: Iterable[str] = ("tokens", "img_emb", "txt_emb"), tokenizer: Callable | None = None,
+                 clip=None, split: str = "files", val_files: int = 1, val_fraction: float = 0.01,
+                 shuffle_window: int = 1 << 20, seed: int = 0, caption_column: str = "caption",
+                 key_column: str = "key", pin_memory: bool | None = None,
+                 train_batch_transform: Callable[[dict], dict] | None = None):
+        super().__init__()
+        from ..utils.config import ConfigError
+        from .datamodule import DEFAULT_BATCH_SIZE
+
+        self.embedding_folder, self.metadata_folder = str(embedding_folder), metadata_folder
+        self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
+        self.val_batch_size = int(val_batch_size or self.batch_size)
+        self.num_workers = int(num_workers)
+        self.needs = tuple(needs)
+        unknown = set(self.needs) - {"tokens", "txt", "img_emb", "txt_emb"}
+        if unknown:
+            raise ConfigError(f"data=embeddings holds CLIP embeddings and captions, not {sorted(unknown)}: it "
+                              f"trains the prior (needs tokens, img_emb, txt_emb); a stage that reads images "
+                              f"trains on data=shards (or the built-in emoji data)")
+        self.tokenizer, self.clip = tokenizer, clip
+        self.split, self.val_files, self.val_fraction = split, int(val_files), float(val_fraction)
+        self.shuffle_window, self.seed = int(shuffle_window), int(seed)
+        self.caption_column, self.key_column = caption_column, key_column
+        self.pin_memory = pin_memory
+        self.train_batch_transform = train_batch_transform
+        self.folder: EmbeddingFolder | None = None
+        self.train_dataset = self.val_dataset = None
+        self.position = (0, 0)  # (pass, global samples consumed in it) of the next training batch
+
+    @property
+    def data_id(self) -> str:
+        """A short id of the data (the folder's path)."""
+        path = str(Path(self.embedding_folder).expanduser().resolve())
+        return "embeddings/" + hashlib.sha1(path.encode()).hexdigest()[:12]
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(["key", "txt", *[n for n in self.needs if n != "txt"]]))
+
+    def open_folder(self) -> EmbeddingFolder:
+        """Open and check the folder (and that its D is the CLIP's); one-line errors."""
+        from ..utils.config import ConfigError
+
+        if self.folder is None:
+            try:
+                folder = EmbeddingFolder(self.embedding_folder, self.metadata_folder, self.caption_column,
+                                         self.key_column, text="txt_emb" in self.needs)
+            except EmbeddingFolderError as e:
+                raise ConfigError(str(e)) from None
+            clip_dim = getattr(self.clip, "embed_dim", None)
+            if clip_dim is not None and int(clip_dim) != folder.dim:
+                name = getattr(self.clip, "model_name", "?")
+                raise ConfigError(f"{folder.root} holds {folder.dim}-d CLIP embeddings but this run's CLIP "
+                                  f"({name}) is {clip_dim}-d: pass the CLIP the embeddings were made with, e.g. "
+                                  f"clip=vit_l14 for LAION's ViT-L/14 embeddings")
+            self.folder = folder
+        return self.folder
+
+    def setup(self, stage: str | None = None) -> None:
+        from ..utils.config import ConfigError
+
+        folder = self.open_folder()
+        try:
+            train, val, how = split_folder(folder, self.split, self.val_files, self.val_fraction)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        tokenizer = self.tokenizer
+        if "tokens" in self.needs and tokenizer is None and self.clip is not None:
+            tokenizer = getattr(self.clip, "loader_tokenizer", None) or self.clip.tokenize
+        rank, world = self._world()
+        common = dict(fields=self._fields(), tokenizer=tokenizer, window=self.shuffle_window, rank=rank,
+                      world_size=world)
+        self.train_dataset = EmbeddingBatches(folder, train, self.batch_size, train=True, seed=self.seed,
+                                              batch_transform=self.train_batch_transform, **common)
+        self.val_dataset = EmbeddingBatches(folder, val, self.val_batch_size, train=False, **common) if val else None
+        self.train_dataset.position = self.position
+        steps = self.train_dataset.steps_in_pass(0)
+        if steps == 0:
+            raise ConfigError(f"{folder.root}: the train split has {self.train_dataset.total} rows, fewer than one "
+                              f"global batch ({self.batch_size} x {world} ranks): lower data.batch_size")
+        log.info("embedding folder %s: %d rows in %d files, D=%d; %s; %d ranks x batch %d: %d steps per pass "
+                 "(%d rows left out per pass)", folder.root, folder.num_rows, len(folder.files), folder.dim, how,
+                 world, self.batch_size, steps, self.train_dataset.total - steps * self.train_dataset.global_batch)
+
+    def _loader(self, dataset) -> DataLoader:
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                          persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        self.train_dataset.position = self.position
+        return self._loader(self.train_dataset)
+
+    def val_dataloader(self):
+        if self.train_dataset is None:
+            self.setup("validate")
+        return [] if self.val_dataset is None else self._loader(self.val_dataset)
+
+    # -- the data position -----------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Take the position out of the batch; a training batch moves the data position past itself."""
+        pos = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+        trainer = getattr(self, "trainer", None)
+        if pos is not None and trainer is not None and trainer.training and self.train_dataset is not None:
+            self.position = self.train_dataset.next_position(int(pos[0]), int(pos[1]))
+            self.train_dataset.position = self.position  # read by the workers of the next epoch
+        return batch
+
+    def state_dict(self) -> dict:
+        """The data position: ``pass``, ``seed``, ``samples`` (consumed in the pass over all ranks),
+        ``samples_per_rank``, ``global_batch``, ``world_size``."""
+        _rank, world = self._world()
+        return {"pass": int(self.position[0]), "samples": int(self.position[1]), "seed": self.seed,
+                "samples_per_rank": int(self.position[1]) // world, "global_batch": self.batch_size * world,
+                "world_size": world}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's data position (its seed wins over ``data.seed``, so the sequence goes on)."""
+        if not state:
+            return
+        if int(state.get("seed", self.seed)) != self.seed:
+            log.warning("the checkpoint's data seed %s differs from data.seed=%d: continuing its sequence with %s",
+                        state["seed"], self.seed, state["seed"])
+            self.seed = int(state["seed"])
+            if self.train_dataset is not None:
+                self.train_dataset.seed = self.seed
+        _rank, world = self._world()
+        if int(state.get("global_batch", self.batch_size * world)) != self.batch_size * world:
+            log.warning("the checkpoint was written with a global batch of %s, this run's is %d: continuing from the "
+                        "same sample, with other batches", state["global_batch"], self.batch_size * world)
+        self.position = (int(state["pass"]), int(state["samples"]))
+        if self.train_dataset is not None:
+            self.train_dataset.position = self.position
+        log.info("data position from the checkpoint: pass %d, %d samples consumed (%d per rank)", self.position[0],
+                 self.position[1], int(state.get("samples_per_rank", 0)))
+
+
+__all__ = ["PATTERNS", "SPLITS", "POSITION_KEY", "EmbeddingFolderError", "EmbeddingFile", "EmbeddingFolder",
+           "Part", "split_folder", "PassOrder", "EmbeddingBatches", "EmbeddingDataModule", "key_hash_fraction"]
