@@ -29,17 +29,17 @@ from torch.utils.checkpoint import checkpoint
 from unclip_pl.nets.layers import timestep_embedding
 
 
-def _groups(channels: int) -> int:
-    """32 groups when possible (ADM), else the largest divisor of ``channels`` that is <= 32."""
-    return math.gcd(32, channels)
+def _groups(channels: int, groups: int = 32) -> int:
+    """``groups`` groups when possible (ADM: 32), else the largest divisor of ``channels`` that divides ``groups``."""
+    return math.gcd(groups, channels)
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back to the input dtype (stable under bf16/fp16, with float32 or
     low-precision weights alike)."""
 
-    def __init__(self, channels: int):
-        super().__init__(_groups(channels), channels)
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5):
+        super().__init__(_groups(channels, groups), channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.float() if self.weight is not None else None
@@ -78,23 +78,47 @@ class Upsample(nn.Module):
 class ResBlock(nn.Module):
     """Residual block with timestep scale-shift normalisation: ``out = skip(x) + conv(drop(act(norm(h)*(1+s)+b)))``.
 
-    x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H, W).
+    x: (B, C_in, H, W), emb: (B, E) -> (B, C_out, H, W); (B, C_out, H/2, W/2) or (B, C_out, 2H, 2W) with
+    ``updown`` "down" / "up" (ADM's resblock_updown: after the first norm and activation, both the residual path and
+    the skip are 2x2-average-pooled or nearest-upsampled; the block is then the level's resampler).
+    ``scale_shift=False``: the projected embedding is added before the second norm instead
+    (``out = skip(x) + conv(drop(act(norm(h + e))))``). ``groups`` / ``eps``: the two GroupNorms' settings.
     """
 
-    def __init__(self, in_ch: int, emb_ch: int, out_ch: int, dropout: float = 0.0, use_checkpoint: bool = False):
+    def __init__(self, in_ch: int, emb_ch: int, out_ch: int, dropout: float = 0.0, use_checkpoint: bool = False,
+                 *, updown: str = "none", scale_shift: bool = True, groups: int = 32, eps: float = 1e-5):
         super().__init__()
+        if updown not in ("none", "up", "down"):
+            raise ValueError(f"updown must be 'none', 'up' or 'down', got {updown!r}")
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(GroupNorm32(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch))
-        self.out_norm = GroupNorm32(out_ch)
+        self.updown = updown
+        self.scale_shift = bool(scale_shift)
+        self.in_layers = nn.Sequential(GroupNorm32(in_ch, groups, eps), nn.SiLU(),
+                                       nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, (2 if self.scale_shift else 1) * out_ch))
+        self.out_norm = GroupNorm32(out_ch, groups, eps)
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.updown == "down":
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        scale, shift = self.emb_layers(emb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
-        h = self.out_norm(h) * (1 + scale) + shift
+        if self.updown == "none":
+            h = self.in_layers(x)
+        else:
+            h = self._resample(self.in_layers[1](self.in_layers[0](x)))
+            x = self._resample(x)
+            h = self.in_layers[2](h)
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)
         return self.skip(x) + self.out_layers(h)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -111,13 +135,13 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_head_channels: int = 64, context_dim: int | None = None,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, groups: int = 32):
         super().__init__()
         if channels % num_head_channels:
             raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
         self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.encoder_kv = nn.Linear(context_dim, 2 * channels) if context_dim is not None else None
         self.proj_out = zero_module(nn.Linear(channels, channels))
@@ -161,6 +185,14 @@ class Block(nn.Module):
         return h
 
 
+def resize_low_res(low_res: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size): the upsamplers' conditioning image at the target size, "bilinear" or
+    "bicubic" (antialiased, as Karlo's pipeline resizes its 64px images)."""
+    if mode == "bicubic":
+        return F.interpolate(low_res, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+    return F.interpolate(low_res, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def last_real_state(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """context (B, S, C), mask (B, S) bool -> (B, C): the state at the last real position (a caption's end token);
     zeros where the mask is all False (a dropped caption). No host syncs."""
@@ -195,6 +227,18 @@ class UNet(nn.Module):
         low_res_channels: channels of the ``low_res`` conditioning image (upsampler), 0 for none.
         pool_context: GLIDE's pooled caption term: the caption state at the last real token (the end token) is
             projected and added to the time embedding too (zero when the caption is dropped). Needs attention.
+        resblock_updown: down- and up-sample with residual blocks (``ResBlock(updown=...)``: average pooling /
+            nearest inside the block, ADM's resblock_updown) instead of a stride-2 conv / nearest + conv.
+        scale_shift_norm: the residual blocks' timestep scale-shift norm; False adds the projected embedding
+            before the second norm instead.
+        norm_groups / norm_eps: GroupNorm groups (``gcd(norm_groups, channels)``) of every norm, and the eps of the
+            residual blocks' and the output's norms (the attention norms keep 1e-5).
+        context_in_dim: width of the caption states as given; when set they are projected to ``context_dim`` by a
+            Linear and a LayerNorm (``context_proj``, ``context_norm``) before the attention layers see them (the
+            CLIP tokens are not).
+        text_emb_dim: width of a pooled caption embedding ``text_emb`` (B, Dt) (e.g. CLIP's text embedding) that
+            is projected (``text_to_time``) and added to the time embedding; None: no such input.
+        low_res_mode: how ``low_res`` is resized to x's size: "bilinear", or "bicubic" (antialiased).
     """
 
     def __init__(
@@ -215,8 +259,17 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         low_res_channels: int = 0,
         pool_context: bool = False,
+        resblock_updown: bool = False,
+        scale_shift_norm: bool = True,
+        norm_groups: int = 32,
+        norm_eps: float = 1e-5,
+        context_in_dim: int | None = None,
+        text_emb_dim: int | None = None,
+        low_res_mode: str = "bilinear",
     ):
         super().__init__()
+        if low_res_mode not in ("bilinear", "bicubic"):
+            raise ValueError(f"low_res_mode must be 'bilinear' or 'bicubic', got {low_res_mode!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels * (2 if learn_sigma else 1)
         self.learn_sigma = learn_sigma
@@ -226,6 +279,8 @@ class UNet(nn.Module):
         self.clip_dim = clip_dim
         self.num_clip_tokens = num_clip_tokens if clip_dim is not None else 0
         self.low_res_channels = low_res_channels
+        self.low_res_mode = low_res_mode
+        self.text_emb_dim = text_emb_dim
         attention_resolutions = tuple(int(r) for r in (attention_resolutions or ()))
         use_attn = len(attention_resolutions) > 0
         if context_dim is None and self.num_clip_tokens > 0:
@@ -246,10 +301,22 @@ class UNet(nn.Module):
             raise ValueError("pool_context needs caption states, i.e. attention (attention_resolutions) and "
                              "context_dim")
         self.context_to_time = nn.Linear(ctx_dim, emb_ch) if pool_context else None   # GLIDE's pooled caption
+        if context_in_dim is not None:
+            if ctx_dim is None:
+                raise ValueError("context_in_dim needs attention (attention_resolutions) and context_dim")
+            self.context_proj = nn.Linear(context_in_dim, ctx_dim)
+            self.context_norm = nn.LayerNorm(ctx_dim)
+        else:
+            self.context_proj = self.context_norm = None
+        self.text_to_time = nn.Linear(text_emb_dim, emb_ch) if text_emb_dim is not None else None
+
+        def res(ci: int, co: int, updown: str = "none") -> ResBlock:
+            return ResBlock(ci, emb_ch, co, dropout, use_checkpoint, updown=updown, scale_shift=scale_shift_norm,
+                            groups=norm_groups, eps=norm_eps)
 
         def attn(ch: int, ds: int) -> AttentionBlock | None:
             if image_size // ds in attention_resolutions:
-                return AttentionBlock(ch, min(num_head_channels, ch), ctx_dim, use_checkpoint)
+                return AttentionBlock(ch, min(num_head_channels, ch), ctx_dim, use_checkpoint, norm_groups)
             return None
 
         ch = model_channels * channel_mult[0]
@@ -260,29 +327,28 @@ class UNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 out = model_channels * mult
-                self.down.append(Block(ResBlock(ch, emb_ch, out, dropout, use_checkpoint), attn(out, ds)))
+                self.down.append(Block(res(ch, out), attn(out, ds)))
                 ch = out
                 skips.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(Block(Downsample(ch)))
+                self.down.append(Block(res(ch, ch, "down") if resblock_updown else Downsample(ch)))
                 skips.append(ch)
                 ds *= 2
         self.middle = nn.ModuleList([
-            Block(ResBlock(ch, emb_ch, ch, dropout, use_checkpoint),
-                  AttentionBlock(ch, min(num_head_channels, ch), ctx_dim, use_checkpoint) if use_attn else None),
-            Block(ResBlock(ch, emb_ch, ch, dropout, use_checkpoint)),
+            Block(res(ch, ch), AttentionBlock(ch, min(num_head_channels, ch), ctx_dim, use_checkpoint, norm_groups)
+                  if use_attn else None),
+            Block(res(ch, ch)),
         ])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 out = model_channels * mult
-                self.up.append(Block(ResBlock(ch + skips.pop(), emb_ch, out, dropout, use_checkpoint),
-                                     attn(out, ds)))
+                self.up.append(Block(res(ch + skips.pop(), out), attn(out, ds)))
                 ch = out
                 if level > 0 and i == num_res_blocks:
-                    self.up.append(Block(Upsample(ch)))
+                    self.up.append(Block(res(ch, ch, "up") if resblock_updown else Upsample(ch)))
                     ds //= 2
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
+        self.out = nn.Sequential(GroupNorm32(ch, norm_groups, norm_eps), nn.SiLU(),
                                  zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
 
     def forward(
@@ -294,11 +360,20 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         low_res: torch.Tensor | None = None,
+        text_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, H, W) noisy image, t: (B,) timesteps; clip_emb (B, D); context (B, S, Cctx);
-        context_mask (B, S) bool; low_res (B, C, h, w). Returns (B, C_out, H, W)."""
+        """x: (B, C, H, W) noisy image, t: (B,) timesteps; clip_emb (B, D); context (B, S, Cctx), or
+        (B, S, context_in_dim) with ``context_in_dim``; context_mask (B, S) bool; low_res (B, C, h, w);
+        text_emb (B, Dt) with ``text_emb_dim``. Returns (B, C_out, H, W)."""
         wdtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(wdtype))   # (B, E)
+        if self.text_to_time is not None:
+            if text_emb is None:
+                raise ValueError("this U-Net adds a pooled caption embedding to its time embedding: pass text_emb "
+                                 "(B, Dt)")
+            emb = emb + self.text_to_time(text_emb.to(wdtype))
+        if self.context_proj is not None and context is not None:
+            context = self.context_norm(self.context_proj(context.to(wdtype)))
         if self.context_to_time is not None and context is not None:  # GLIDE: pooled caption -> time embedding
             emb = emb + self.context_to_time(last_real_state(context, context_mask).to(wdtype))
         if self.clip_to_time is not None:
@@ -321,7 +396,7 @@ class UNet(nn.Module):
             if low_res is None:
                 raise ValueError("this U-Net is an upsampler: pass low_res (B, C, h, w)")
             if low_res.shape[-2:] != x.shape[-2:]:
-                low_res = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                low_res = resize_low_res(low_res, x.shape[-2:], self.low_res_mode)
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
 
         if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
@@ -334,7 +409,7 @@ class UNet(nn.Module):
         for block in self.middle:
             h = block(h, emb, context, context_mask)
         for block in self.up:
-            if isinstance(block.layer, ResBlock):
+            if isinstance(block.layer, ResBlock) and block.layer.updown == "none":
                 h = torch.cat([h, hs.pop()], dim=1)
             h = block(h, emb, context, context_mask)
         return self.out(h)
