@@ -6,7 +6,8 @@ writes ``<run dir>/job_status.json`` and returns NaN as the job's metric (sweepe
 trial as failed). In a single run the exception propagates unchanged (non-zero exit code).
 :func:`metric_value` picks the job's return value, ``optimized_metric`` (``conf/train.yaml``), from the fit's metrics.
 :class:`SweepSummary` (a Hydra callback, ``conf/hydra/default.yaml``) prints one line per failed job when the
-sweep ends and writes ``<sweep dir>/summary.json``.
+sweep ends and writes ``<sweep dir>/summary.json``; the sweep then exits with code 1 when any job failed, unless
+``tolerate_failures`` (``conf/train.yaml``) is true.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def job_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: list failed jobs (one line each) and write ``summary.json`` in the sweep dir."""
+    """At the end of a multirun: list failed jobs (one line each) and write ``summary.json`` in the sweep dir; then
+    exit with code 1 when a job failed and the config's ``tolerate_failures`` is not true (``SystemExit`` passes
+    through Hydra's callback and error handling: the process's exit code is the sweep's outcome)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -118,3 +121,6 @@ class SweepSummary(Callback):
                  len(failed), sweep_dir / "summary.json")
         for j in failed:
             log.error("  job %s FAILED: %s (log: %s)", j["job"], j.get("error"), sweep_dir / j["job"])
+        if failed and not config.get("tolerate_failures", False):
+            log.error("Exiting with code 1: %d sweep job(s) failed (tolerate_failures=true exits 0).", len(failed))
+            raise SystemExit(1)
