@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip_pl.diffusion import GaussianDiffusion, get_sampler, initial_noise, step_generator
+from unclip_pl.nets.unet import resize_low_res
 
 
 def random_crop_pair(a: torch.Tensor, b: torch.Tensor, size: int, generator: torch.Generator | None = None):
@@ -69,6 +70,9 @@ class Upsampler(nn.Module):
             training (``unclip_pl.data.degrade.gaussian_blur`` / ``bsr_degrade`` with Hydra ``_partial_``); None = none.
         crop_size: training crop side at the target resolution; default ``image_size // 4`` (paper).
         downsample_mode: interpolation used to make the low-res training input ("bicubic", "area", "bilinear").
+        last_unet: an optional second ``UNet`` of the same layout that replaces ``unet`` at the final sampler step
+            only (Karlo's 64 -> 256 stage: ``super_res_last``, fine-tuned for that step with its own loss). Training
+            (``loss``) trains ``unet`` alone; ``last_unet`` is frozen (``requires_grad`` off) and kept as loaded.
 
     Sampler settings are not part of the model: :meth:`sample` takes them explicitly (the stage's ``sample:``
     config block holds them, stored in its checkpoint; paper: DDIM 27 and 15 steps).
@@ -76,7 +80,7 @@ class Upsampler(nn.Module):
 
     def __init__(self, unet: nn.Module, diffusion: GaussianDiffusion, low_res_size: int, image_size: int | None = None,
                  degradation: Callable[[torch.Tensor], torch.Tensor] | None = None, crop_size: int | None = None,
-                 downsample_mode: str = "bicubic"):
+                 downsample_mode: str = "bicubic", last_unet: nn.Module | None = None):
         super().__init__()
         if getattr(unet, "low_res_channels", 0) <= 0:
             raise ValueError("the upsampler's U-Net needs low_res_channels > 0")
@@ -95,6 +99,12 @@ class Upsampler(nn.Module):
         if self.crop_size % multiple or self.crop_size > self.image_size:
             raise ValueError(f"crop_size {self.crop_size} must be <= image_size and a multiple of {multiple}")
         self.downsample_mode = downsample_mode
+        if last_unet is not None:
+            if getattr(last_unet, "low_res_channels", 0) != unet.low_res_channels or \
+                    getattr(last_unet, "learn_sigma", False) != unet.learn_sigma:
+                raise ValueError("last_unet must take the same inputs and give the same outputs as unet")
+            last_unet.requires_grad_(False)
+        self.last_unet = last_unet
 
     @property
     def low_res_maker(self) -> LowRes:
@@ -114,7 +124,7 @@ class Upsampler(nn.Module):
         the same random crop of a quarter of the target size is taken from both."""
         B, _, H, W = images.shape
         low = self.make_low_res(images) if low_res is None else low_res.to(images.device, images.dtype)
-        up = F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
+        up = resize_low_res(low, (H, W), getattr(self.unet, "low_res_mode", "bilinear"))
         if self.crop_size < min(H, W):
             x0, cond = random_crop_pair(images, up, self.crop_size, generator)
         else:
@@ -139,6 +149,16 @@ class Upsampler(nn.Module):
             x_T = initial_noise((B, self.unet.in_channels, h * self.scale, w * self.scale), low_res.device,
                                 generator=generator, seeds=seeds, stage=stream)
         cond = {"low_res": low_res.clamp(-1, 1)}
-        x = sample_fn(self.diffusion, lambda x, t: self.unet(x, t, **cond), x_T, steps, eta=eta, clip_denoised=True,
-                      progress=progress, generator=step_generator(seeds, generator, x_T.device, stage=stream))
+        n_steps = (self.diffusion.respaced(steps) if steps is not None else self.diffusion).num_steps
+        final = {"step": n_steps == 1}          # with last_unet: is the next network call the final step?
+
+        def model_fn(x, t):
+            net = self.last_unet if self.last_unet is not None and final["step"] else self.unet
+            return net(x, t, **cond)
+
+        def after_step(i, x, x0):                # the sampler's step i (counting down) is done: is i - 1 the last?
+            final["step"] = i == 1
+
+        x = sample_fn(self.diffusion, model_fn, x_T, steps, eta=eta, clip_denoised=True, progress=progress,
+                      generator=step_generator(seeds, generator, x_T.device, stage=stream), callback=after_step)
         return x.clamp(-1, 1)
