@@ -104,9 +104,8 @@ def embed_shard(url: str, out_path: str | os.PathLike, clip, batch_size: int = 2
             writer = wds.TarWriter(f, encoder=False, mtime=0.0)
             for s in iter_tar(url):
                 ext = next((e for e in IMAGE_EXTS if e in s), None)
-                if mode == "copy" and (ext is None or "txt" not in s):
-                    missing = "txt" if "txt" not in s else "png|jpg|webp"
-                    raise ShardError(f"sample {s['__key__']!r} in shard {url} has no {missing!r} member; "
+                if mode == "copy" and ext is None:
+                    raise ShardError(f"sample {s['__key__']!r} in shard {url} has no image (png|jpg|webp) member; "
                                      f"write shards with: python -m unclip_pl.data.make_shards SRC OUT_DIR")
                 if ext is None:
                     pending.append((s, None, "no image member"))
