@@ -14,6 +14,7 @@ z_t, a conditioning input only, is always fed as z_t * sqrt(D).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -57,11 +58,16 @@ class DiffusionPrior(nn.Module):
         cond_drop_prob: probability of replacing the text conditioning by learned nulls in training (paper: 0.1).
         normalization: "scale" or "standardize" (see module docstring).
         embed_dim: D (defaults to ``net.embed_dim``).
+        clip_sample_range: when set, sampling clamps each step's predicted x0 (in the normalised space) to
+            [-r, r] (Karlo's prior: 5); None (default) never clamps.
     """
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion | None = None, cond_drop_prob: float = 0.1,
-                 normalization: str = "scale", embed_dim: int | None = None):
+                 normalization: str = "scale", embed_dim: int | None = None, clip_sample_range: float | None = None):
         super().__init__()
+        if clip_sample_range is not None and not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be positive or None, got {clip_sample_range}")
+        self.clip_sample_range = None if clip_sample_range is None else float(clip_sample_range)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; valid choices: {', '.join(NORMALIZATIONS)}")
         if not 0.0 <= cond_drop_prob <= 1.0:
@@ -208,7 +214,9 @@ class DiffusionPrior(nn.Module):
             model_fn, model_kwargs = classifier_free_guidance(net_fn, guidance_scale, cond, uncond), None
         x_T = initial_noise((b * n, self.embed_dim), device, generator=generator, seeds=seeds, stage=stream,
                             per_seed=n)                                    # (B*N, D), row i*N + j: candidate j
+        r = self.clip_sample_range
         x0 = sample_fn(self.diffusion, model_fn, x_T, steps, eta=eta, model_kwargs=model_kwargs, progress=progress,
-                       generator=step_generator(seeds, generator, device, per_seed=n, stage=stream))
+                       generator=step_generator(seeds, generator, device, per_seed=n, stage=stream),
+                       denoised_fn=None if r is None else functools.partial(torch.clamp, min=-r, max=r))
         z = self.denormalize(x0).view(b, n, self.embed_dim)             # (B, N, D) unit norm
         return F.normalize(select_best_of(z, txt_emb), dim=-1)

@@ -30,15 +30,15 @@ NUM_TAIL_TOKENS = 4  # z_t, timestep, noised z_i, final query
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused, bias-free QKV projection and SDPA."""
+    """Multi-head self-attention with a fused QKV projection (bias-free unless ``bias``) and SDPA."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, bias: bool = False):
         super().__init__()
         assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
         self.heads = heads
         self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, S, dim) -> q, k, v, each (B, H, S, dim / H)."""
@@ -61,17 +61,19 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). ``bias``: biases on every linear layer
+    (attention and MLP); ``gelu``: the MLP's GELU, "tanh" (approximation) or "none" (exact erf)."""
 
-    def __init__(self, dim: int, heads: int, ff_mult: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, ff_mult: int = 4, dropout: float = 0.0, bias: bool = False,
+                 gelu: str = "tanh"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads, dropout)
+        self.attn = SelfAttention(dim, heads, dropout, bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, ff_mult * dim, bias=False),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(ff_mult * dim, dim, bias=False),
+            nn.Linear(dim, ff_mult * dim, bias=bias),
+            nn.GELU(approximate=gelu),
+            nn.Linear(ff_mult * dim, dim, bias=bias),
         )
         self.drop = nn.Dropout(dropout)
 
@@ -110,6 +112,13 @@ class PriorTransformer(nn.Module):
         max_text_len: maximum number of caption tokens L' (CLIP context length).
         dropout: dropout on attention weights and residual branches.
         ff_mult: MLP hidden width multiplier.
+        bias: biases on the blocks' attention and MLP linear layers (default none).
+        gelu: the MLP's GELU: "tanh" (default) or "none" (exact).
+        time_freq_dim: width of the sinusoidal timestep features fed to the time-embedding MLP (default 256).
+
+    The defaults are this project's prior; ``bias=True, gelu="none", time_freq_dim=dim`` (and ``max_text_len`` =
+    the caption length) is the structure of diffusers' ``PriorTransformer`` with Karlo's options, whose weights
+    ``unclip_pl.convert.prior`` maps onto this class.
     """
 
     def __init__(
@@ -122,6 +131,9 @@ class PriorTransformer(nn.Module):
         max_text_len: int = 77,
         dropout: float = 0.0,
         ff_mult: int = 4,
+        bias: bool = False,
+        gelu: str = "tanh",
+        time_freq_dim: int = 256,
     ):
         super().__init__()
         self.embed_dim = embed_dim
@@ -132,7 +144,7 @@ class PriorTransformer(nn.Module):
         self.text_proj = nn.Linear(text_width, dim)          # caption token encodings W -> dim
         self.txt_emb_proj = nn.Linear(embed_dim, dim)        # z_t D -> dim
         self.x_proj = nn.Linear(embed_dim, dim)              # noised z_i D -> dim
-        self.time_embed = TimestepEmbedder(dim)              # t -> dim
+        self.time_embed = TimestepEmbedder(dim, time_freq_dim)  # t -> dim
         self.query = nn.Parameter(torch.zeros(dim))          # final query token
         self.pos_embedding_text = nn.Parameter(torch.zeros(max_text_len, dim))
         self.pos_embedding_tail = nn.Parameter(torch.zeros(NUM_TAIL_TOKENS, dim))
@@ -140,7 +152,7 @@ class PriorTransformer(nn.Module):
         self.null_text_token = nn.Parameter(torch.zeros(dim))
         self.null_txt_emb = nn.Parameter(torch.zeros(dim))
 
-        self.blocks = nn.ModuleList([Block(dim, heads, ff_mult, dropout) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, heads, ff_mult, dropout, bias, gelu) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, embed_dim)
         self._init_weights(depth)
