@@ -7,6 +7,11 @@
   ``clip_drop_prob`` and the caption is dropped (all caption tokens masked out, only the 4 CLIP tokens remain) with
   probability ``text_drop_prob``. The unconditional branch at sampling has both dropped; conditional and
   unconditional passes run batched in one forward (``classifier_free_guidance``).
+- Karlo's decoder (``conf/decoder/karlo.yaml``, weights from ``unclip_pl.convert``) also adds CLIP's pooled text
+  embedding to the time embedding (``text_emb``, the U-Net's ``text_emb_dim``), and its unconditional branch sees the
+  encoding of the empty caption rather than no caption: pass ``uncond_text=(states, mask, text_emb)`` of ``""``
+  (batch 1 or B) to :meth:`sample` / :meth:`guided_model` / :meth:`loss`. Both reproduce diffusers'
+  ``UnCLIPPipeline`` + ``UnCLIPTextProjModel`` computation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,18 @@ from unclip_pl.diffusion import (
     initial_noise,
     step_generator,
 )
+
+
+def _pad_captions(a, a_mask, b, b_mask):
+    """Caption states (B, S1, C) / (B, S2, C) and masks padded (zeros, False) to one length S = max(S1, S2)."""
+    S = max(a.shape[1], b.shape[1])
+
+    def pad(x, m):
+        n = S - x.shape[1]
+        if n == 0:
+            return x, m
+        return torch.cat([x, x.new_zeros(x.shape[0], n, x.shape[2])], 1), torch.cat([m, m.new_zeros(m.shape[0], n)], 1)
+    return (*pad(a, a_mask), *pad(b, b_mask))
 
 
 class Decoder(nn.Module):
@@ -110,38 +127,100 @@ class Decoder(nn.Module):
             mask = mask & ~text_dropped[:, None]
         return clip_emb, mask, clip_dropped, text_dropped
 
-    def cond_kwargs(self, clip_emb: torch.Tensor, context, mask) -> dict:
+    def cond_kwargs(self, clip_emb: torch.Tensor, context, mask, text_emb: torch.Tensor | None = None) -> dict:
         kw = {"clip_emb": clip_emb * self.clip_scale}
         if context is not None:
             kw["context"], kw["context_mask"] = context, mask
+        if text_emb is not None:
+            kw["text_emb"] = text_emb
         return kw
+
+    @property
+    def takes_text_emb(self) -> bool:
+        """Whether the U-Net adds a pooled caption embedding (``text_emb``) to its time embedding (Karlo)."""
+        return getattr(self.unet, "text_emb_dim", None) is not None
+
+    def _check_text_emb(self, text_emb: torch.Tensor | None) -> None:
+        if self.takes_text_emb and text_emb is None:
+            raise ValueError("this decoder adds CLIP's text embedding to its time embedding: pass text_emb (B, D)")
+
+    def empty_caption(self, uncond_text: Any, batch: int):
+        """The unconditional branch's caption (e.g. the encoding of ``""``): ``(states, mask[, text_emb])`` or an
+        object with ``.tokens``/``.mask``/``.emb``, batch 1 or ``batch``. Returns (states (B, S, C), mask (B, S)
+        bool, text_emb (B, D) | None)."""
+        if hasattr(uncond_text, "mask"):
+            parts = (uncond_text.tokens, uncond_text.mask, getattr(uncond_text, "emb", None))
+        else:
+            parts = tuple(uncond_text) + (None,) * (3 - len(uncond_text))
+        states, mask, emb = parts
+        if mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        if self.takes_text_emb and emb is None:
+            raise ValueError("uncond_text needs the empty caption's text embedding too: (states, mask, text_emb)")
+        out = []
+        for v in (states, mask.to(torch.bool), emb):
+            if v is not None and v.shape[0] != batch:
+                if v.shape[0] != 1:
+                    raise ValueError(f"uncond_text has batch {v.shape[0]}, expected 1 or {batch}")
+                v = v.expand(batch, *v.shape[1:])
+            out.append(v)
+        return tuple(out)
+
 
     # ------------------------------------------------------------------ training
     def loss(self, images: torch.Tensor, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, *,
-             text: Any = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) in [-1, 1]; clip_emb (B, D) unit-norm; tokens (B, L) or text=(states, mask).
-        Returns dict(loss, mse[, vb]) of scalars."""
+             text: Any = None, generator: torch.Generator | None = None, text_emb: torch.Tensor | None = None,
+             uncond_text: Any = None) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W) in [-1, 1]; clip_emb (B, D) unit-norm; tokens (B, L) or text=(states, mask);
+        text_emb (B, D) when the U-Net takes it. A dropped caption is masked out (its text_emb zeroed), or, with
+        ``uncond_text`` (see :meth:`empty_caption`), replaced by that caption. Returns dict(loss, mse[, vb])."""
         B = images.shape[0]
+        self._check_text_emb(text_emb)
         context, mask = self.encode_text(tokens, text)
-        clip_emb, mask, _, _ = self.drop_conditions(clip_emb, mask, generator)
+        clip_emb, mask, _, text_dropped = self.drop_conditions(clip_emb, mask, generator)
+        if text_emb is not None:
+            text_emb = torch.where(text_dropped[:, None], torch.zeros_like(text_emb), text_emb)
+        if uncond_text is not None and context is not None:
+            u_ctx, u_mask, u_emb = self.empty_caption(uncond_text, B)
+            context, mask, u_ctx, u_mask = _pad_captions(context, mask, u_ctx.to(context), u_mask)
+            context = torch.where(text_dropped[:, None, None], u_ctx, context)
+            mask = torch.where(text_dropped[:, None], u_mask, mask)
+            if text_emb is not None and u_emb is not None:
+                text_emb = torch.where(text_dropped[:, None], u_emb.to(text_emb), text_emb)
         dev = generator.device if generator is not None else images.device
         t = self.diffusion.sample_timesteps(B, dev, generator).to(images.device)
         noise = torch.randn(images.shape, generator=generator, device=dev).to(images)
         terms = self.diffusion.training_losses(self.unet, images, t, model_kwargs=self.cond_kwargs(
-            clip_emb, context, mask), noise=noise)
+            clip_emb, context, mask, text_emb), noise=noise)
         return {k: v.mean() for k, v in terms.items()}
 
     # ------------------------------------------------------------------ sampling
     def guided_model(self, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, text: Any = None, *,
-                     guidance_scale: float):
-        """model_fn(x, t) with classifier-free guidance (cond and uncond batched in one forward; 1 = cond only)."""
+                     guidance_scale: float, text_emb: torch.Tensor | None = None, uncond_text: Any = None):
+        """model_fn(x, t) with classifier-free guidance (cond and uncond batched in one forward; 1 = cond only).
+
+        The unconditional branch has the null CLIP embedding and no caption, or, with ``uncond_text``, the given
+        caption (Karlo: the encoding of ``""``, see :meth:`empty_caption`); ``text_emb`` (B, D): the captions'
+        pooled embedding, for a U-Net that takes it."""
         scale = float(guidance_scale)
+        self._check_text_emb(text_emb)
         context, mask = self.encode_text(tokens, text)
-        cond = self.cond_kwargs(clip_emb, context, mask)
+        cond = self.cond_kwargs(clip_emb, context, mask, text_emb)
         if scale == 1:
             return lambda x, t: self.unet(x, t, **cond)
-        uncond = self.cond_kwargs(self.null_clip_emb(clip_emb.shape[0]).to(clip_emb.dtype), context,
-                                  torch.zeros_like(mask) if mask is not None else None)
+        null = self.null_clip_emb(clip_emb.shape[0]).to(clip_emb.dtype)
+        if uncond_text is not None:
+            if context is None:
+                raise ValueError("uncond_text is the unconditional branch's caption: give the captions too")
+            u_ctx, u_mask, u_emb = self.empty_caption(uncond_text, clip_emb.shape[0])
+            context, mask, u_ctx, u_mask = _pad_captions(context, mask, u_ctx.to(context), u_mask)
+            cond = self.cond_kwargs(clip_emb, context, mask, text_emb)
+            uncond = self.cond_kwargs(null, u_ctx, u_mask, u_emb.to(text_emb) if text_emb is not None else None)
+        elif self.takes_text_emb:
+            raise ValueError("this decoder's unconditional branch sees the empty caption: pass uncond_text=(states, "
+                             "mask, text_emb), the encoding of \"\"")
+        else:
+            uncond = self.cond_kwargs(null, context, torch.zeros_like(mask) if mask is not None else None)
         split = self.unet.out_channels // 2 if self.diffusion.learn_sigma else None
         return classifier_free_guidance(self.unet, scale, cond, uncond, split_channels=split)
 
@@ -149,7 +228,8 @@ class Decoder(nn.Module):
     def sample(self, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, *, text: Any = None,
                steps: Any, sampler: str, eta: float, guidance_scale: float, generator: torch.Generator | None = None,
                seeds: Sequence[int] | None = None, x_T: torch.Tensor | None = None, image_size: int | None = None,
-               progress: bool = False, stream: str = "decoder") -> torch.Tensor:
+               progress: bool = False, stream: str = "decoder", text_emb: torch.Tensor | None = None,
+               uncond_text: Any = None) -> torch.Tensor:
         """Generate images (B, 3, S, S) in [-1, 1] from clip_emb (B, D) and captions (tokens (B, L) or text states).
 
         ``steps`` (respacing spec), ``sampler`` (a name of ``unclip_pl.diffusion.SAMPLERS``), ``eta`` and
@@ -158,25 +238,29 @@ class Decoder(nn.Module):
         ``seeds`` (one per image) makes image i depend only on seeds[i] (its starting noise, and the step noise of
         ddpm / ddim eta > 0, in the streams of stage ``stream``, see ``unclip_pl.diffusion.seeds``), not on the rest
         of the batch; ``generator`` otherwise (one stream for the batch); ``x_T`` (B, 3, S, S) replaces the starting
-        noise (e.g. from ``invert``). The predicted x0 is clipped to [-1, 1] at every step."""
+        noise (e.g. from ``invert``). The predicted x0 is clipped to [-1, 1] at every step. ``text_emb`` /
+        ``uncond_text``: see :meth:`guided_model`."""
         sample_fn = get_sampler(sampler)
         B = clip_emb.shape[0]
         size = image_size or self.image_size
         if x_T is None:
             x_T = initial_noise((B, self.unet.in_channels, size, size), clip_emb.device, generator=generator,
                                 seeds=seeds, stage=stream)
-        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale=guidance_scale)
+        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale=guidance_scale, text_emb=text_emb,
+                                     uncond_text=uncond_text)
         x = sample_fn(self.diffusion, model_fn, x_T, steps, eta=eta, clip_denoised=True, progress=progress,
                       generator=step_generator(seeds, generator, x_T.device, stage=stream))
         return x.clamp(-1, 1)
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, clip_emb: torch.Tensor, tokens: torch.Tensor | None = None, *,
-               text: Any = None, steps: Any, guidance_scale: float) -> torch.Tensor:
+               text: Any = None, steps: Any, guidance_scale: float, text_emb: torch.Tensor | None = None,
+               uncond_text: Any = None) -> torch.Tensor:
         """DDIM-invert images (B, 3, S, S) to their starting noise x_T (B, 3, S, S) under this conditioning
         (paper: variations start from it and sample with DDIM, eta > 0). Deterministic; the model function and x0
         clipping are those of :meth:`sample`, so
         ``sample(..., sampler="ddim", eta=0, steps=steps, guidance_scale=<the same>, x_T=x_T)`` maps it back to
         the images up to the discretisation error of the ODE."""
-        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale=guidance_scale)
+        model_fn = self.guided_model(clip_emb, tokens, text, guidance_scale=guidance_scale, text_emb=text_emb,
+                                     uncond_text=uncond_text)
         return ddim_invert(self.diffusion, model_fn, images, steps=steps, clip_denoised=True)
