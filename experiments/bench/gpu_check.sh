@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the speed targets ask to measure, in one call of about 10 minutes on an H100/H200:
 #   1. bench_prior.py --compile    training samples/s, model TFLOP/s and % of the measured bf16 peak; sampling emb/s
+#   1b. bench_ar_prior.py --compile the AR prior: training tokens/s and TFLOP/s; sampling emb/s with/without K/V cache
 #   2. bench_decoder.py --compile  decoder training, DDIM-50 guided sampling, upsampler at 256x256, peak memory
 #   3. a short bf16 fit of each stage on the built-in emoji data (trainer=gpu): prior, decoder, upsampler
 # Each part has its own time limit, and no part starts after DEADLINE seconds, so a slow compile cannot eat the rest.
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-logs/gpu_check}
 DEVICE=${DEVICE:-cuda}
 DEADLINE=${DEADLINE:-540}
-PARTS=${PARTS:-bench_prior bench_decoder fit_prior fit_decoder fit_upsampler}
+PARTS=${PARTS:-bench_prior bench_ar_prior bench_decoder fit_prior fit_decoder fit_upsampler}
 RUNS=${RUNS:-/tmp/unclip_gpu_check_runs}
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
@@ -55,6 +56,7 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/summary.txt"
 
 part bench_prior 200 "$PY" experiments/bench/bench_prior.py "${BENCH[@]}" --out "$OUT/bench.md"
+part bench_ar_prior 150 "$PY" experiments/bench/bench_ar_prior.py "${BENCH[@]}" --out "$OUT/bench.md"
 part bench_decoder 240 "$PY" experiments/bench/bench_decoder.py "${BENCH[@]}" --out "$OUT/bench.md"
 
 FIT=("${TRAINER[@]}" logger=csv "trainer.max_steps=$STEPS" trainer.log_every_n_steps=10 trainer.check_val_every_n_epoch=1)
