@@ -14,6 +14,14 @@ from torch.utils.data import DataLoader
 
 from .decode import VALID_NEEDS
 from .pipeline import TrainOrder, batches_per_worker, build_pipeline
+from .position import (
+    POSITION_KEY,
+    DataPosition,
+    PositionedLoader,
+    PositionTracker,
+    restore_from_checkpoint,
+    state_for_checkpoint,
+)
 from .stats import LoaderStats
 from .tar_reader import count_samples
 from .urls import expand_urls, is_remote
@@ -70,6 +78,13 @@ class ShardDataModule(pl.LightningDataModule):
             (default: the number of training samples, counted from the tar headers) capping each epoch, so
             ranks read disjoint shards and all run the same number of steps.
         random_crop: random (train) instead of centre crops.
+        seed: seed of the training order (shard order, shuffle buffer, resampling), with the epoch, rank and worker.
+        log_keys: append the keys of every training batch to ``<trainer.default_root_dir>/data_keys_rank<r>.txt``,
+            one line per batch: ``<global step><TAB><key> <key> ...`` (off by default; for checking resumes).
+
+    Exact resume: ``state_dict()`` (saved by Lightning in every checkpoint) holds the training data position of
+    every rank (epoch, seed and order settings, how far each loader worker has read, see
+    :mod:`unclip_pl.data.position`); ``load_state_dict()`` makes a resumed run continue the same sample sequence.
         embed_cache_dir: if set, and ``needs`` has img_emb/txt_emb, and ``clip`` is given (and ``embeddings`` is
             "inline"), shards are embedded once into sidecar shards under
             ``embed_cache_dir/<clip.fingerprint>/{train,val}-<source id>-sidecar`` and read beside them.
@@ -98,6 +113,7 @@ class ShardDataModule(pl.LightningDataModule):
                  train_batch_transform: Callable[[dict], dict] | None = None, shuffle_buffer: int = 1000,
                  resampled: bool = False, epoch_length: int | None = None, random_crop: bool = False,
                  pin_memory: bool | None = None, persistent_workers: bool = True, seed: int = 0,
+                 log_keys: bool = False,
                  embed_cache_dir: str | None = None, embed_batch_size: int = 256, embeddings: str = "inline",
                  sidecar_urls: str | Sequence[str] | None = None, val_sidecar_urls: str | Sequence[str] | None = None,
                  embedding_folder: str | None = None, metadata_folder: str | None = None, on_error: str = "raise",
@@ -135,6 +151,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.sample_filter = SampleFilter.from_config(filters)
         self._folder = None
         self.stats = {"train": LoaderStats(), "val": LoaderStats()}
+        self.log_keys = bool(log_keys)
+        self._tracker: PositionTracker | None = None
+        self._pending_position: dict | None = None
+        self._noted_restart = False
         self.train_dataset = self.val_dataset = None
         self._train_workers = self._val_workers = 0
 
@@ -238,8 +258,9 @@ class ShardDataModule(pl.LightningDataModule):
                          self.world_size, epoch_length)
             order = TrainOrder(shards=shards, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
                                epoch_length=epoch_length)
+            position = self._make_position(order, urls)
             self.train_dataset = build_pipeline(
-                urls, batch_size=self.batch_size, order=order, random_crop=self.random_crop,
+                urls, batch_size=self.batch_size, order=order, random_crop=self.random_crop, position=position,
                 batch_transform=self.train_batch_transform, stats=self.stats["train"], **common,
                 **self._embedding_sources("train", urls))
             self._train_workers = self._workers_for(urls, self.resampled)
@@ -252,19 +273,19 @@ class ShardDataModule(pl.LightningDataModule):
                                               **common, **self._embedding_sources("val", urls))
             self._val_workers = self._workers_for(urls, False)
 
-    def _loader(self, dataset, workers: int) -> DataLoader:
+    def _loader(self, dataset, workers: int, before_iter=None) -> DataLoader:
         """A plain DataLoader over the (already batching) pipeline: ``batch_size=None``."""
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+        return PositionedLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
                              persistent_workers=self.persistent_workers and workers > 0,
-                             prefetch_factor=4 if workers > 0 else None)
+                             prefetch_factor=4 if workers > 0 else None, before_iter=before_iter)
 
     def train_dataloader(self):
         if self.train_dataset is None:
             self.setup("fit")
         if self.train_dataset is None:
             raise ValueError("no train_urls configured for this data module")
-        return self._loader(self.train_dataset, self._train_workers)
+        return self._loader(self.train_dataset, self._train_workers, before_iter=self._begin_train_iteration)
 
     def val_dataloader(self):
         if self.val_dataset is None:
@@ -272,6 +293,74 @@ class ShardDataModule(pl.LightningDataModule):
         if self.val_dataset is None:
             return []
         return self._loader(self.val_dataset, self._val_workers)
+
+    # -- exact data resume (see unclip_pl.data.position) ------------------------------------------------------
+    def _make_position(self, order: TrainOrder, urls: list[str]) -> DataPosition:
+        """The training pipeline's shared position and its tracker; what the order depends on is recorded with
+        every saved position, which a resumed run uses only if it is the same."""
+        workers = self._workers_for(urls, self.resampled)
+        position = DataPosition(workers, shard_skip=order.shuffle_buffer <= 1)
+        settings = {"shards": order.shards, "seed": order.seed, "shuffle_buffer": order.shuffle_buffer,
+                    "epoch_length": order.epoch_length, "batch_size": self.batch_size,
+                    "world_size": self.world_size, "workers": max(1, workers),
+                    "source": hashlib.sha1("\n".join(urls).encode()).hexdigest()[:12]}
+        self._tracker = PositionTracker(position, settings)
+        if self._pending_position is not None:
+            self.load_state_dict({"data_position": self._pending_position})
+        return position
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else int(os.environ.get("RANK", "0"))
+
+    def _begin_train_iteration(self) -> bool:
+        """Before each iteration of the training loader: the first one continues the saved position (or starts
+        epoch 0), each later one starts the next epoch (Lightning iterates the loader once per epoch; its own epoch
+        count may run ahead, since a run stopped mid-epoch counts that epoch as done). Returns whether the
+        batches' position tags are consumed (under a trainer, by :meth:`on_before_batch_transfer`)."""
+        if self._tracker is None:
+            return False
+        trainer = getattr(self, "trainer", None)
+        epoch = self._tracker.begin()
+        resumed = trainer is not None and getattr(trainer, "ckpt_path", None)
+        if resumed and self._tracker.restored is None and not self._noted_restart and self._rank() == 0:
+            log.info("%s holds no data position (saved before checkpoints recorded it): the data order restarts "
+                     "from the start of epoch %d", trainer.ckpt_path, epoch)
+        self._noted_restart = True
+        return trainer is not None
+
+    def state_dict(self) -> dict:
+        """``{"data_position": ...}``: every rank's training data position (collective with several ranks: Lightning
+        calls it on all ranks when it saves); empty before the training pipeline exists."""
+        if self._tracker is None:
+            return {}
+        return {"data_position": state_for_checkpoint(self._tracker)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue from a saved data position (applied when the training pipeline is set up)."""
+        state = (state_dict or {}).get("data_position")
+        if state is None:
+            return
+        if self._tracker is None:
+            self._pending_position = state
+            return
+        self._pending_position = None
+        restore_from_checkpoint(self._tracker, state, self._rank(), what=f"{type(self).__name__}: the data")
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Every batch a step receives, in order: a training batch's position tag is popped and recorded (and its
+        keys written with ``log_keys``)."""
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            tag = batch.pop(POSITION_KEY)
+            trainer = getattr(self, "trainer", None)
+            if self._tracker is not None and trainer is not None and trainer.training:
+                progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+                self._tracker.observe(tag, last_batch=bool(getattr(progress, "is_last_batch", False)))
+                if self.log_keys:
+                    path = Path(trainer.default_root_dir) / f"data_keys_rank{trainer.global_rank}.txt"
+                    with open(path, "a") as f:
+                        f.write(f"{trainer.global_step}\t{' '.join(batch['key'])}\n")
+        return batch
 
     def teardown(self, stage: str | None = None) -> None:
         for split, s in self.stats.items():

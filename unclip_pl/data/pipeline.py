@@ -211,6 +211,28 @@ class EpochCap:
             yield batch
 
 
+class Batched:
+    """Pipeline stage: samples -> batches of ``batch_size`` (the last one smaller), collated with ``collate``.
+
+    Own instead of ``wds.batched``, which pulls the next sample before it yields a full batch: here a batch is
+    yielded as soon as it is full, so the items counted upstream (:class:`~unclip_pl.data.position.SkipAndCount`)
+    are exactly those in the batches delivered so far.
+    """
+
+    def __init__(self, batch_size: int, collation_fn: Callable[[list[dict]], dict] = collate):
+        self.batch_size, self.collation_fn = int(batch_size), collation_fn
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        batch: list[dict] = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) >= self.batch_size:
+                yield self.collation_fn(batch)
+                batch = []
+        if batch:
+            yield self.collation_fn(batch)
+
+
 class MapBatches:
     """Pipeline stage applying ``fn`` to every item (own: ``wds.map`` adds a ``__key__`` entry to dict batches)."""
 
@@ -330,7 +352,7 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
 
         stages.append(JoinEmbeddingFolder(embedding_folder, [n for n in ("img_emb", "txt_emb") if n in needs]))
     stages.append(DecodeSamples(needs, image_size, random_crop, stats, faults, sample_filter))
-    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+    stages.append(Batched(batch_size))
     if "tokens" in needs:
         stages.append(MapBatches(Tokenize(tokenizer)))
     if batch_transform is not None:
@@ -351,5 +373,5 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
 
 
 __all__ = ["SHARD_ORDERS", "TrainOrder", "ShuffleBuffer", "RepeatedShardList", "pass_order", "ShardOrder",
-           "TrainPipeline", "batches_per_worker", "EpochCap", "MapBatches", "Tokenize", "AddKey", "CountSamples",
+           "TrainPipeline", "batches_per_worker", "EpochCap", "Batched", "MapBatches", "Tokenize", "AddKey", "CountSamples",
            "build_pipeline"]

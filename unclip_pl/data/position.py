@@ -236,10 +236,11 @@ class PositionTracker:
         self.workers[worker] = tuple(counts)
         self.last_worker, self.epoch_done = worker, bool(last_batch)
 
-    def begin(self, epoch: int | None) -> int:
-        """Set the shared position for an iteration of the loader at ``epoch`` (None: the next epoch after the
-        last one begun) and return the epoch used. Within the epoch being read it continues after the consumed
-        batches; a finished epoch moves on to the next."""
+    def begin(self, epoch: int | None = None) -> int:
+        """Set the shared position for an iteration of the loader and return its epoch: ``epoch``, or when None the
+        epoch of the restored position for the first iteration (0 without one) and the next epoch for each later
+        one. Within the epoch being read it continues after the consumed batches; a finished epoch moves on to the
+        next."""
         if epoch is None:
             epoch = 0 if self.epoch is None else self.epoch + (1 if self.iterations else 0)
         self.iterations += 1
@@ -306,16 +307,27 @@ def restore_from_checkpoint(tracker: PositionTracker, state: dict[str, Any], ran
 
 class PositionedLoader(DataLoader):
     """A ``DataLoader`` that calls ``before_iter()`` each time an iteration starts (before the workers start or
-    resume reading), so the main process can set the :class:`DataPosition` the workers read."""
+    resume reading), so the main process can set the :class:`DataPosition` the workers read.
 
-    def __init__(self, *args, before_iter: Callable[[], Any] | None = None, **kwargs):
+    ``before_iter()`` returns whether the caller consumes the position tags (a datamodule under a trainer pops them
+    in ``on_before_batch_transfer``); when it does not, or there is no hook, the loader removes them from the
+    batches it yields."""
+
+    def __init__(self, *args, before_iter: Callable[[], bool] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.before_iter = before_iter
 
     def __iter__(self):
-        if self.before_iter is not None:
-            self.before_iter()
-        return super().__iter__()
+        consumed = bool(self.before_iter()) if self.before_iter is not None else False
+        it = super().__iter__()
+        return it if consumed else _without_tags(it)
+
+
+def _without_tags(batches: Iterable[Any]) -> Iterator[Any]:
+    for batch in batches:
+        if isinstance(batch, dict):
+            batch.pop(POSITION_KEY, None)
+        yield batch
 
 
 __all__ = ["POSITION_KEY", "FIELDS", "stream_seed", "worker_info", "DataPosition", "SkipAndCount", "TagPosition",
