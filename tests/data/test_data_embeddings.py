@@ -265,15 +265,54 @@ def test_data_module_state_continues_the_sequence_across_passes(tmp_path, caplog
     first.setup("fit")
     head = _consume(first) + _consume(first, steps=2)  # one pass and two steps, then "preempted"
     state = first.state_dict()
-    assert {k: state[k] for k in ("pass", "samples", "seed", "samples_per_rank")} == \
-        {"pass": 1, "samples": 8, "seed": 3, "samples_per_rank": 8}
-    resumed = _module(tmp_path, seed=99)  # the checkpoint's seed wins
+    assert {k: state[k] for k in ("pass", "samples", "samples_per_rank")} == {"pass": 1, "samples": 8,
+                                                                             "samples_per_rank": 8}
+    assert state["settings"]["seed"] == 3 and state["settings"]["train_rows"] == 19
+    resumed = _module(tmp_path)
     resumed.trainer = _Trainer()
     resumed.setup("fit")
     resumed.load_state_dict(state)
     assert head + _consume(resumed) == uninterrupted
     val = [b["key"] for b in resumed.val_dataloader()]
     assert sum(val, []) == [f"002{r:05d}" for r in range(8)]  # val: the held-out file, in order
+
+    other = _module(tmp_path, seed=99)  # another order: the saved pass restarts from its start, said in one line
+    other.trainer = _Trainer()
+    other.setup("fit")
+    with caplog.at_level(logging.WARNING, logger="unclip_pl.data.embedding_folder"):
+        other.load_state_dict(state)
+    assert "does not fit this run (seed: 3 -> 99): pass 1 restarts from its start" in caplog.text
+    assert other.position == (1, 0)
+
+
+def test_two_ranks_resume_on_one_rank_from_the_same_sample(tmp_path):
+    """The position is a sample offset in one sequence: a run on 2 ranks resumed on 1 (twice the batch) continues
+    with exactly the samples the 2 ranks had not read."""
+    write_embedding_folder(tmp_path, [16, 16, 4])
+    ranks = []
+    for r in range(2):
+        dm = _module(tmp_path, batch_size=4)
+        dm.trainer = _Trainer(r, 2)
+        dm.setup("fit")
+        ranks.append(dm)
+    seen = [sum(_consume(dm, steps=2), []) for dm in ranks]
+    state = ranks[0].state_dict()
+    assert (state["samples"], state["samples_per_rank"], state["world_size"]) == (16, 8, 2)
+    single = _module(tmp_path, batch_size=8)
+    single.trainer = _Trainer()
+    single.setup("fit")
+    single.load_state_dict(state)
+    rest = sum(_consume(single), [])
+    assert len(rest) == 16 and not set(rest) & set(seen[0] + seen[1])
+    assert sorted(rest + seen[0] + seen[1]) == sorted(f"{n:03d}{r:05d}" for n in (0, 1) for r in range(16))
+
+
+def test_without_a_trainer_the_loader_drops_the_position_tags(tmp_path):
+    write_embedding_folder(tmp_path, [8, 4])
+    dm = _module(tmp_path)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and all(set(b) == {"key", "txt", "tokens", "img_emb", "txt_emb"} for b in batches)
 
 
 def test_data_module_errors_are_one_line(tmp_path):

@@ -37,7 +37,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .position import POSITION_KEY, PositionedLoader
+
 log = logging.getLogger(__name__)
+
+#: Version of :meth:`EmbeddingDataModule.state_dict`.
+STATE_VERSION = 1
 
 #: File name patterns of the three parts of a folder (``N``: the file number).
 PATTERNS = {"img_emb": re.compile(r"^img_emb_(\d+)\.npy$"), "txt_emb": re.compile(r"^text_emb_(\d+)\.npy$"),
@@ -428,8 +433,6 @@ class PassOrder:
 
 
 # ---------------------------------------------------------------------------------------------------- dataset
-#: Batch entry carrying the data position after the batch (removed by the data module before the model sees it).
-POSITION_KEY = "__data_position__"
 EMB_FIELDS = ("img_emb", "txt_emb")
 
 
@@ -532,10 +535,15 @@ class EmbeddingDataModule(pl.LightningDataModule):
 
     The split is deterministic (:func:`split_folder`) and logged with its counts. With several ranks, each rank
     reads its own rows of a shared per-pass order and all ranks take the same number of steps
-    (:class:`EmbeddingBatches`); the shuffle is seeded by ``(seed, pass)``. ``state_dict()`` holds the data
-    position (pass, seed, samples consumed over all ranks and per rank, global batch), saved in every checkpoint,
-    and ``load_state_dict()`` makes a resumed run continue the same sample sequence from there. Loader workers are
-    started anew each epoch (never persistent) so that each pass starts where the data module says.
+    (:class:`EmbeddingBatches`); the shuffle is seeded by ``(seed, pass)``.
+
+    Exact resume follows the protocol of :mod:`unclip_pl.data.position` (the order is a function of the seed and
+    the pass; batches carry ``POSITION_KEY``, popped by ``on_before_batch_transfer`` once training consumed them;
+    ``state_dict()`` / ``load_state_dict()`` in every checkpoint, with the order settings beside the position).
+    Here the position is simpler than for shards: one number, the samples consumed in the pass over all ranks,
+    from which every rank and worker derives its next step. A resumed run therefore continues the same sample
+    sequence even with another number of workers, ranks or batch size. Loader workers are started anew each
+    epoch (never persistent), with the position of that moment.
 
     Args:
         embedding_folder: folder with ``img_emb/`` and ``text_emb/``.
@@ -644,17 +652,23 @@ class EmbeddingDataModule(pl.LightningDataModule):
                  "(%d rows left out per pass)", folder.root, folder.num_rows, len(folder.files), folder.dim, how,
                  world, self.batch_size, steps, self.train_dataset.total - steps * self.train_dataset.global_batch)
 
-    def _loader(self, dataset) -> DataLoader:
+    def _loader(self, dataset, before_iter=None) -> DataLoader:
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-                          persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        return PositionedLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                                persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+                                before_iter=before_iter)
+
+    def _before_train_iter(self) -> bool:
+        """Each pass starts at the data position (the workers are started after this, with a copy of it); whether
+        a trainer pops the position tags (else the loader drops them)."""
+        self.train_dataset.position = self.position
+        return getattr(self, "trainer", None) is not None
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        self.train_dataset.position = self.position
-        return self._loader(self.train_dataset)
+        return self._loader(self.train_dataset, self._before_train_iter)
 
     def val_dataloader(self):
         if self.train_dataset is None:
@@ -671,34 +685,48 @@ class EmbeddingDataModule(pl.LightningDataModule):
             self.train_dataset.position = self.position  # read by the workers of the next epoch
         return batch
 
+    def order_settings(self) -> dict:
+        """What the training order depends on besides the position: a saved position is used only when these are
+        the same (world size, batch size and workers are not among them: the order is one sequence of samples)."""
+        settings = {"seed": self.seed, "split": self.split, "shuffle_window": self.shuffle_window,
+                    "train_rows": self.train_dataset.total if self.train_dataset is not None else None}
+        settings.update({"val_files": self.val_files} if self.split == "files" else {"val_fraction": self.val_fraction})
+        return settings
+
     def state_dict(self) -> dict:
-        """The data position: ``pass``, ``seed``, ``samples`` (consumed in the pass over all ranks),
-        ``samples_per_rank``, ``global_batch``, ``world_size``."""
+        """The data position (the ``version``/``settings`` frame of :mod:`unclip_pl.data.position`): ``pass``,
+        ``samples`` consumed in it over all ranks, ``samples_per_rank``, ``global_batch``, ``world_size``. Every
+        rank's position is the same by construction, so no gathering is needed."""
         _rank, world = self._world()
-        return {"pass": int(self.position[0]), "samples": int(self.position[1]), "seed": self.seed,
-                "samples_per_rank": int(self.position[1]) // world, "global_batch": self.batch_size * world,
-                "world_size": world}
+        return {"version": STATE_VERSION, "settings": self.order_settings(), "pass": int(self.position[0]),
+                "samples": int(self.position[1]), "samples_per_rank": int(self.position[1]) // world,
+                "global_batch": self.batch_size * world, "world_size": world}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a checkpoint's data position (its seed wins over ``data.seed``, so the sequence goes on)."""
+        """Continue from a checkpoint's data position. When the order settings differ (another seed, split or
+        folder size) the saved pass restarts from its first sample, with one line saying so; another world size
+        or batch size continues from the same sample."""
         if not state:
             return
-        if int(state.get("seed", self.seed)) != self.seed:
-            log.warning("the checkpoint's data seed %s differs from data.seed=%d: continuing its sequence with %s",
-                        state["seed"], self.seed, state["seed"])
-            self.seed = int(state["seed"])
-            if self.train_dataset is not None:
-                self.train_dataset.seed = self.seed
-        _rank, world = self._world()
-        if int(state.get("global_batch", self.batch_size * world)) != self.batch_size * world:
-            log.warning("the checkpoint was written with a global batch of %s, this run's is %d: continuing from the "
-                        "same sample, with other batches", state["global_batch"], self.batch_size * world)
-        self.position = (int(state["pass"]), int(state["samples"]))
+        settings, saved = self.order_settings(), state.get("settings") or {}
+        differ = ["version"] if state.get("version") != STATE_VERSION else sorted(
+            k for k in set(settings) | set(saved) if saved.get(k) != settings.get(k) and settings.get(k) is not None)
+        if differ:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+            log.warning("data position in the checkpoint does not fit this run (%s): pass %s restarts from its start",
+                        detail, state.get("pass", 0))
+            self.position = (int(state.get("pass", 0)), 0)
+        else:
+            _rank, world = self._world()
+            if int(state["global_batch"]) != self.batch_size * world:
+                log.info("the checkpoint was written with a global batch of %s, this run's is %d: continuing from "
+                         "the same sample", state["global_batch"], self.batch_size * world)
+            self.position = (int(state["pass"]), int(state["samples"]))
+            log.info("data position from the checkpoint: pass %d, %d samples consumed (%d per rank)",
+                     self.position[0], self.position[1], int(state.get("samples_per_rank", 0)))
         if self.train_dataset is not None:
             self.train_dataset.position = self.position
-        log.info("data position from the checkpoint: pass %d, %d samples consumed (%d per rank)", self.position[0],
-                 self.position[1], int(state.get("samples_per_rank", 0)))
 
 
-__all__ = ["PATTERNS", "SPLITS", "POSITION_KEY", "EmbeddingFolderError", "EmbeddingFile", "EmbeddingFolder",
+__all__ = ["PATTERNS", "SPLITS", "STATE_VERSION", "EmbeddingFolderError", "EmbeddingFile", "EmbeddingFolder",
            "Part", "split_folder", "PassOrder", "EmbeddingBatches", "EmbeddingDataModule", "key_hash_fraction"]
