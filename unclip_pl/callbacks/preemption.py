@@ -181,6 +181,11 @@ class PreemptionCheckpoint(pl.Callback):
             # As ModelCheckpoint does for its own last.ckpt: part of the saved state, so after the restart it
             # keeps writing last.ckpt (not last-v1.ckpt).
             cb.last_model_path = path
+        # The module's on_train_batch_end (StageModule: the EMA update) runs after this hook: do that step's update
+        # now, so this checkpoint, often the last one before the job is killed, holds it.
+        update_ema = getattr(trainer.lightning_module, "update_ema", None)
+        if callable(update_ema):
+            update_ema()
         trainer.save_checkpoint(path)
         self.saved_path = path
         trainer.should_stop = True

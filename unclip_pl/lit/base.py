@@ -155,6 +155,12 @@ class StageModule(pl.LightningModule):
         self._ema_step = self.trainer.global_step  # restored from the checkpoint when resuming
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        """Average the weights of the optimiser step just taken into the EMA; a second call in the same step does
+        nothing. The preemption callback calls it before it saves (callbacks' ``on_train_batch_end`` runs before
+        the module's), so a checkpoint saved there holds this step's EMA."""
         # Once per optimiser step, not per micro-batch: with accumulate_grad_batches=k the optimiser steps every k-th
         # batch (global_step, a host int, counts the steps in automatic and manual optimisation alike).
         step = self.trainer.global_step
