@@ -275,7 +275,8 @@ def launched(stages, inputs, emoji_root, tmp_path_factory):
         # data/README.md step 3: train on the embedded shards
         stages["side"]["embed"].wait()
         start("train_shards", [script("train.py"), "prior=diffusion", "data=shards",
-                               "data.train_urls=data/photos_emb/*.tar", "data.val_urls=data/photos_emb",
+                               "data.train_urls=data/photos/*.tar", "data.val_urls=data/photos",
+                               "data.embeddings=sidecar", "data.sidecar_urls=data/photos_emb",
                                "data.num_workers=0", "data.batch_size=4", *tiny_clip_overrides(),
                                *tiny_stage_overrides("prior"), STEPS, "run_name=shards"])
     except BaseException:
