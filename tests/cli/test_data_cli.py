@@ -1,6 +1,6 @@
 """data/README.md "Your own data" (pointed to by the README's Data section), through the real module entry points
 in subprocesses: make_shards from a folder of captioned images, embed them with `--clip small` (the CLIP the quick
-start cached), train the prior on them with `data=shards`."""
+start cached) into sidecar shards, train the prior on the shards and their sidecars with `data=shards`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_embed(stages):
     with tarfile.open(out[0]) as tf:
         names = tf.getnames()
         key = names[0].split(".", 1)[0]
-        assert {f"{key}.{ext}" for ext in ("png", "txt", "img_emb.npy", "txt_emb.npy")} <= set(names)
+        assert {f"{key}.{ext}" for ext in ("img_emb.npy", "txt_emb.npy")} == {n for n in names if n.startswith(key)}
+        assert len(names) == 2 * 4  # sidecar shards: the embeddings of each sample, no copy of its image
         import io
 
         emb = np.load(io.BytesIO(tf.extractfile(f"{key}.img_emb.npy").read()))
@@ -48,11 +49,13 @@ def test_embed(stages):
 
 
 def test_train_on_shards(stages, launched):
-    """python train.py prior=diffusion data=shards data.train_urls='data/photos_emb/*.tar' data.val_urls=..."""
+    """python train.py prior=diffusion data=shards data.train_urls='data/photos/*.tar' data.val_urls=data/photos
+    data.embeddings=sidecar data.sidecar_urls=data/photos_emb"""
     launched["train_shards"].wait().check()
     run_dir = stages["root"] / "logs" / "train" / "runs" / "shards"
     ckpt = assert_run_dir(run_dir, "prior")
-    assert ckpt["cfg"]["data"]["train_urls"] == "data/photos_emb/*.tar"
+    assert ckpt["cfg"]["data"]["train_urls"] == "data/photos/*.tar"
+    assert ckpt["cfg"]["data"]["sidecar_urls"] == "data/photos_emb"
     # the shards were embedded with the cached (emoji) CLIP: it is used as it is, not set aside and retrained
     assert not (run_dir / "clip_autotrain").exists()
     assert not list((stages["root"] / "data" / "cache" / "clip").glob("*.stale-*"))
