@@ -64,6 +64,10 @@ class TinyStage(StageModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["key"]))
         return loss
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # plain: no key recording, no signal (validation in between training steps, for the data-resume tests)
+        self.log("val/loss", self.model.loss(self.features(batch)), batch_size=len(batch["key"]))
+
 
 class _Fixed(Dataset):
     def __init__(self, n: int, dim: int, seed: int):

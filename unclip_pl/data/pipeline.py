@@ -373,5 +373,5 @@ def build_pipeline(urls: str | Sequence[str], needs: Iterable[str] = ("image", "
 
 
 __all__ = ["SHARD_ORDERS", "TrainOrder", "ShuffleBuffer", "RepeatedShardList", "pass_order", "ShardOrder",
-           "TrainPipeline", "batches_per_worker", "EpochCap", "Batched", "MapBatches", "Tokenize", "AddKey", "CountSamples",
-           "build_pipeline"]
+           "TrainPipeline", "batches_per_worker", "EpochCap", "Batched", "MapBatches", "Tokenize", "AddKey",
+           "CountSamples", "build_pipeline"]
