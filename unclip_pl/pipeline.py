@@ -207,6 +207,18 @@ class UnCLIPPipeline:
         return states, mask.bool() & keep[:, None]
 
     @torch.no_grad()
+    def _pooled_text(self, captions: Captions) -> dict[str, Any]:
+        """For a decoder that adds CLIP's pooled text embedding to its time embedding (Karlo's): ``text_emb`` (B, D)
+        of the captions (None entries: the empty caption) and ``uncond_text``, the encoding of the empty caption its
+        unconditional branch sees. Other decoders: {}."""
+        if not getattr(self.decoder, "takes_text_emb", False):
+            return {}
+        texts = [c if c is not None else "" for c in captions]
+        emb = self.clip.encode_text(self.clip.tokenize(texts).to(self.device)).emb.float()
+        empty = self.clip.encode_text(self.clip.tokenize([""]).to(self.device))
+        return {"text_emb": emb, "uncond_text": (empty.tokens.float(), empty.mask.bool(), empty.emb.float())}
+
+    @torch.no_grad()
     def decode(self, z_i: torch.Tensor, captions: Captions | None = None, seeds: Sequence[int] | None = None,
                x_T: torch.Tensor | None = None, guidance_scale: float | None = None, eta: float | None = None,
                upsample: bool = True, sampler: str | None = None, steps: Any = None) -> torch.Tensor:
@@ -239,7 +251,8 @@ class UnCLIPPipeline:
             text = self._caption_states(captions[sl])
             x_T_sl = x_T[sl].to(self.device) if x_T is not None else None  # else drawn per image from its seed
             out.append(self.decoder.sample(z_i[sl], text=text, **kwargs, seeds=seeds[sl], x_T=x_T_sl,
-                                           progress=self.settings.progress, stream=stage_stream("decoder")).float())
+                                           progress=self.settings.progress, stream=stage_stream("decoder"),
+                                           **self._pooled_text(captions[sl])).float())
         images = torch.cat(out)
         return self.upsample(images, seeds) if upsample else images
 
