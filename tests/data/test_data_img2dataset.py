@@ -220,3 +220,104 @@ def test_datamodule_joins_embedding_folder_by_key(i2d, tmp_path):
     assert len(b["key"]) == 23 and "000004" not in b["key"] and dm.stats["train"].skipped_no_img_emb == 1
     want = torch.tensor([float(k) for k in b["key"]])
     assert torch.equal(b["img_emb"][:, 0], want) and torch.equal(b["txt_emb"][:, 3], -want)
+
+
+# ------------------------------------------------------------------------------------ real img2dataset (slow)
+def _img2dataset_bin() -> str | None:
+    """``$IMG2DATASET`` (the executable, e.g. from a venv of its own: its pins differ from ours), else PATH."""
+    import shutil
+
+    exe = os.environ.get("IMG2DATASET") or shutil.which("img2dataset")
+    return exe if exe and os.path.exists(exe) else None
+
+
+@pytest.mark.slow
+def test_real_img2dataset_output_matches_fixtures_and_trains_the_decoder(tmp_path):
+    """img2dataset against a local HTTP server (127.0.0.1) serving a few PNG/JPEGs and one missing url: its output
+    has the layout of :func:`write_img2dataset` (members, json fields, key format, files beside the tars), and
+    embed + `train.py decoder=base` on it with sidecar embeddings runs a few steps."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    from PIL import Image
+
+    exe = _img2dataset_bin()
+    if exe is None:
+        pytest.skip("img2dataset not found: set IMG2DATASET=/path/to/img2dataset or put it on PATH")
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(9):
+        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 256, (40 + 4 * i, 56, 3), dtype=np.uint8)).save(srv / name)
+        names.append(name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(srv)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):  # until it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        rows = [f"{base}/{n},a picture number {i}" for i, n in enumerate(names)] + [f"{base}/missing.jpg,gone"]
+        (tmp_path / "urls.csv").write_text("url,caption\n" + "\n".join(rows) + "\n")
+        out = tmp_path / "i2d"
+        done = subprocess.run([exe, "--url_list", str(tmp_path / "urls.csv"), "--input_format", "csv",
+                               "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+                               "--output_folder", str(out), "--processes_count", "1", "--thread_count", "2",
+                               "--image_size", "32", "--number_sample_per_shard", "5", "--enable_wandb", "False"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        server.kill()
+        server.wait()
+
+    assert sorted(os.listdir(out)) == ["00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet",
+                                       "00001.tar", "00001_stats.json"]
+    fixture = write_img2dataset(tmp_path / "fixture", n_shards=1, per_shard=5)
+    with tarfile.open(fixture["tars"][0]) as tf:
+        want_meta = json.loads(tf.extractfile(next(n for n in tf.getnames() if n.endswith(".json"))).read())
+    keys = []
+    for tar in sorted(out.glob("*.tar")):
+        samples = list(iter_tar(str(tar)))
+        for s in samples:
+            assert set(s) == {"__key__", "__url__", "jpg", "txt", "json"}
+            meta = json.loads(s["json"])
+            assert set(meta) == set(want_meta) and meta["status"] == "success" and meta["key"] == s["__key__"]
+            assert len(s["__key__"]) == len(want_meta["key"])
+        keys += [s["__key__"] for s in samples]
+    stats = json.loads((out / "00001_stats.json").read_text())
+    assert set(stats) == set(json.loads((tmp_path / "fixture" / "00000_stats.json").read_text()))
+    assert len(keys) == 9 and stats["failed_to_download"] == 1  # the missing url is absent from the tars
+
+    # embed into sidecar shards and train the decoder a few steps (tiny CLIP with random weights)
+    from tests.cli.test_img2dataset_cli import write_tiny_clip
+    from tests.helpers import tiny_clip_overrides, tiny_stage_overrides
+
+    root = tmp_path / "root"
+    write_tiny_clip(root / "data" / "cache" / "clip" / "unclip-tiny.pt")
+    env = {**os.environ, "PROJECT_ROOT": str(root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    emb = subprocess.run([sys.executable, "-m", "unclip_pl.data.embed", str(out), str(root / "emb"), "--clip",
+                          "small"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert emb.returncode == 0, emb.stderr[-3000:]
+    train = subprocess.run([sys.executable, os.path.join(repo, "train.py"), "decoder=base", "data=shards",
+                            f"data.train_urls={out}/00000.tar", f"data.val_urls={out}/00001.tar",
+                            "data.embeddings=sidecar", f"data.sidecar_urls={root / 'emb'}", "data.num_workers=0",
+                            "data.batch_size=2", "clip.autotrain=false", *tiny_clip_overrides(),
+                            *tiny_stage_overrides("decoder"), "trainer.max_steps=3", "run_name=real_i2d"],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    ckpt = torch.load(root / "logs" / "train" / "runs" / "real_i2d" / "checkpoints" / "last.ckpt",
+                      map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
