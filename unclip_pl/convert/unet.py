@@ -235,12 +235,14 @@ def _token_rows(n_tokens: int, width: int) -> torch.Tensor:
     return torch.arange(width * n_tokens).view(width, n_tokens).t().reshape(-1)
 
 
-def decoder_from_diffusers(unet: Any, text_proj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                                dict[str, Any]]:
-    """Karlo's decoder (``UNet2DConditionModel`` + ``UnCLIPTextProjModel``, modules or (config, state dict)-like)
-    -> (project ``Decoder`` state dict, its ``module.model`` config block, its ``sample:`` block)."""
+def decoder_net_config(unet_config: Any, text_proj_config: Any) -> dict[str, Any]:
+    """The project ``Decoder``'s ``module.model`` block for a ``UNet2DConditionModel`` + ``UnCLIPTextProjModel``
+    config pair (dicts or the modules' ``config``); a layout the project cannot express is a one-line ValueError."""
+    return _decoder_layout(_config(unet_config), _config(text_proj_config))[0]
+
+
+def _decoder_layout(cfg: dict[str, Any], tcfg: dict[str, Any]):
     what = "decoder UNet2DConditionModel"
-    cfg, tcfg = _config(unet), _config(text_proj)
     _check_fixed(cfg, _DECODER_FIXED, what)
     kw = _unet_kwargs(cfg, what)
     downs, ups = list(cfg["down_block_types"]), list(cfg["up_block_types"])
@@ -273,7 +275,28 @@ def decoder_from_diffusers(unet: Any, text_proj: Any) -> tuple[dict[str, torch.T
               clip_dim=clip_dim, num_clip_tokens=n_tok, context_dim=ctx, low_res_channels=0, pool_context=False,
               context_in_dim=clip_dim, text_emb_dim=clip_dim)
     names = _block_names(kw, lambda lvl: lvl in attn_levels)
+    net_config = {
+        "_target_": DECODER_TARGET,
+        "unet": {"_target_": UNET_TARGET, **kw},
+        "diffusion": {"_target_": "unclip_pl.diffusion.GaussianDiffusion",
+                      "betas": {"_target_": "unclip_pl.diffusion.get_betas", "name": "cosine", "num_steps": 1000},
+                      "target": "eps", "learn_sigma": kw["learn_sigma"],
+                      "loss": "hybrid" if kw["learn_sigma"] else "mse"},
+        "text_encoder": None,
+        "clip_drop_prob": 0.1,
+        "text_drop_prob": 0.5,
+        "null_clip": "learned",
+        "clip_scale": 1.0,
+    }
+    return net_config, names, n_tok, ctx
 
+
+def decoder_from_diffusers(unet: Any, text_proj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                                dict[str, Any]]:
+    """Karlo's decoder (``UNet2DConditionModel`` + ``UnCLIPTextProjModel`` modules) -> (project ``Decoder`` state
+    dict, its ``module.model`` config block, its ``sample:`` block)."""
+    what = "decoder UNet2DConditionModel"
+    net_config, names, n_tok, ctx = _decoder_layout(_config(unet), _config(text_proj))
     sd, used = _state(unet), set()
     out = {f"unet.{k}": v for k, v in _unet_from(sd, names, used).items()}
     _check_all_used(sd, used, what)
@@ -288,20 +311,6 @@ def decoder_from_diffusers(unet: Any, text_proj: Any) -> tuple[dict[str, torch.T
         out[f"unet.clip_to_tokens.{n}"] = _take(tsd, f"clip_extra_context_tokens_proj.{n}", tused)[rows].clone()
     out["clip_null"] = _take(tsd, "learned_classifier_free_guidance_embeddings", tused)
     _check_all_used(tsd, tused, "text_proj UnCLIPTextProjModel")
-
-    net_config = {
-        "_target_": DECODER_TARGET,
-        "unet": {"_target_": UNET_TARGET, **kw},
-        "diffusion": {"_target_": "unclip_pl.diffusion.GaussianDiffusion",
-                      "betas": {"_target_": "unclip_pl.diffusion.get_betas", "name": "cosine", "num_steps": 1000},
-                      "target": "eps", "learn_sigma": kw["learn_sigma"],
-                      "loss": "hybrid" if kw["learn_sigma"] else "mse"},
-        "text_encoder": None,
-        "clip_drop_prob": 0.1,
-        "text_drop_prob": 0.5,
-        "null_clip": "learned",
-        "clip_scale": 1.0,
-    }
     return out, net_config, dict(DECODER_SAMPLE)
 
 
@@ -366,8 +375,7 @@ def decoder_to_diffusers(state_dict: dict[str, torch.Tensor], net_config: dict[s
 
 
 # -------------------------------------------------------------------------------------------------- super-resolution
-def _superres_unet_from(unet: Any, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    cfg = _config(unet)
+def _superres_kwargs(cfg: dict[str, Any], what: str) -> tuple[dict[str, Any], list]:
     _check_fixed(cfg, _SUPERRES_FIXED, what)
     kw = _unet_kwargs(cfg, what)
     levels = len(kw["channel_mult"])
@@ -382,7 +390,11 @@ def _superres_unet_from(unet: Any, what: str) -> tuple[dict[str, torch.Tensor], 
         raise ValueError(f"{what}: in_channels={in_ch} must be out_channels={out_ch} plus the low-res image's")
     kw.update(in_channels=out_ch, out_channels=out_ch, learn_sigma=False, attention_resolutions=[],
               low_res_channels=in_ch - out_ch, low_res_mode="bicubic")
-    names = _block_names(kw, lambda lvl: False)
+    return kw, _block_names(kw, lambda lvl: False)
+
+
+def _superres_unet_from(unet: Any, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    kw, names = _superres_kwargs(_config(unet), what)
     sd, used = _state(unet), set()
     out = _unet_from(sd, names, used)
     _check_all_used(sd, used, what)
@@ -393,15 +405,25 @@ def superres_from_diffusers(first: Any, last: Any = None, low_res_size: int = 64
                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Karlo's super-resolution ``UNet2DModel`` s (``super_res_first``, optional ``super_res_last``) -> (project
     ``Upsampler`` state dict, its ``module.model`` config block). The two networks must have one layout."""
-    sd, kw = _superres_unet_from(first, "super_res_first UNet2DModel")
+    sd, _ = _superres_unet_from(first, "super_res_first UNet2DModel")
     out = {f"unet.{k}": v for k, v in sd.items()}
-    last_block = None
     if last is not None:
-        lsd, lkw = _superres_unet_from(last, "super_res_last UNet2DModel")
+        lsd, _ = _superres_unet_from(last, "super_res_last UNet2DModel")
+        out.update({f"last_unet.{k}": v for k, v in lsd.items()})
+    net_config = superres_net_config(first, last if last is None else _config(last), low_res_size)
+    return out, net_config
+
+
+def superres_net_config(first_config: Any, last_config: Any = None, low_res_size: int = 64) -> dict[str, Any]:
+    """The project ``Upsampler``'s ``module.model`` block for super-resolution ``UNet2DModel`` config(s) (dicts or
+    the modules' ``config``): ``last_unet`` is set when ``last_config`` is given (it must have the same layout)."""
+    kw, _ = _superres_kwargs(_config(first_config), "super_res_first UNet2DModel")
+    last_block = None
+    if last_config is not None:
+        lkw, _ = _superres_kwargs(_config(last_config), "super_res_last UNet2DModel")
         if lkw != kw:
             diff = sorted(k for k in kw if kw[k] != lkw.get(k))
             raise ValueError(f"super_res_last differs from super_res_first in {diff}; both must have one layout")
-        out.update({f"last_unet.{k}": v for k, v in lsd.items()})
         last_block = {"_target_": UNET_TARGET, **kw}
     size = int(kw["image_size"])
     if size % int(low_res_size):
@@ -419,7 +441,7 @@ def superres_from_diffusers(first: Any, last: Any = None, low_res_size: int = 64
         "crop_size": None,
         "downsample_mode": "bicubic",
     }
-    return out, net_config
+    return net_config
 
 
 def _superres_unet_to(sd: dict[str, torch.Tensor], kw: dict[str, Any], what: str

@@ -1,0 +1,200 @@
+"""The U-Net bridge (unclip_pl/convert/unet.py) on random-weight diffusers modules with Karlo's structure at a reduced
+size (same block types, residual-block resampling, added-K/V attention over 4 CLIP tokens + projected caption states,
+scale-shift norm, identity class embedding, learned-range output; fewer channels, layers and pixels):
+
+- the converted project decoder (with the text projection and the CLIP tokens) and both super-resolution networks
+  give the diffusers modules' outputs on the same inputs within 1e-4 (float32);
+- diffusers -> project -> diffusers gives back every tensor exactly, and configs that rebuild the same modules;
+- layouts the project cannot express are one-line errors.
+"""
+import hydra.utils
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[diffusers]')")
+
+from unclip_pl.convert.unet import (  # noqa: E402
+    decoder_from_diffusers,
+    decoder_net_config,
+    decoder_to_diffusers,
+    superres_from_diffusers,
+    superres_to_diffusers,
+)
+
+
+def text_proj_class():
+    try:
+        from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
+    except ImportError:          # diffusers >= 0.33 keeps unCLIP under pipelines.deprecated
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    return UnCLIPTextProjModel
+
+
+# Karlo's decoder layout (kakaobrain/karlo-v1-alpha: 320 x [1,2,3,4] channels, 3 layers per block, 64 px, attention
+# heads of 64, CLIP width 768, cross-attention width 1536) at a reduced size.
+TINY_DECODER = dict(
+    sample_size=32, in_channels=3, out_channels=6, layers_per_block=2,
+    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64, 96, 128), cross_attention_dim=48,
+    class_embed_type="identity", attention_head_dim=16, resnet_time_scale_shift="scale_shift")
+TINY_TEXT_PROJ = dict(clip_extra_context_tokens=4, clip_embeddings_dim=24, time_embed_dim=128, cross_attention_dim=48)
+# Karlo's super_res_first / super_res_last layout (320 x [1,2,3,4], 3 layers, no attention, 6 -> 3 channels, 256 px).
+TINY_SUPERRES = dict(
+    sample_size=32, in_channels=6, out_channels=3, layers_per_block=2, block_out_channels=(32, 64, 96, 128),
+    down_block_types=("ResnetDownsampleBlock2D",) * 4, up_block_types=("ResnetUpsampleBlock2D",) * 4,
+    add_attention=False)
+
+
+def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere (diffusers initialises some layers to zero), so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def tiny_decoder(seed: int = 0):
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**TINY_DECODER)
+    text_proj = text_proj_class()(**TINY_TEXT_PROJ)
+    return perturbed(unet, seed), perturbed(text_proj, seed + 1)
+
+
+def tiny_superres(seed: int, **kw):
+    torch.manual_seed(seed)
+    return perturbed(diffusers.UNet2DModel(**{**TINY_SUPERRES, **kw}), seed)
+
+
+def build(net_config: dict, state_dict: dict) -> torch.nn.Module:
+    model = hydra.utils.instantiate(OmegaConf.create(net_config))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def decoder_inputs(B: int = 3, S: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, 32, 32, generator=g)
+    t = torch.tensor([999, 500, 3])[:B]
+    img, txt = torch.randn(B, 24, generator=g), torch.randn(B, 24, generator=g)
+    states = torch.randn(B, S, 24, generator=g)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    return x, t, img, txt, states, mask
+
+
+@torch.no_grad()
+def diffusers_decoder(unet, text_proj, x, t, img, txt, states, mask):
+    """The decoder's forward as UnCLIPPipeline runs it (one timestep per call, so one row at a time)."""
+    hidden, add = text_proj(image_embeddings=img, prompt_embeds=txt, text_encoder_hidden_states=states,
+                            do_classifier_free_guidance=False)
+    dmask = F.pad(mask, (text_proj.clip_extra_context_tokens, 0), value=True)
+    return torch.cat([unet(x[i:i + 1], t[i], encoder_hidden_states=hidden[i:i + 1], class_labels=add[i:i + 1],
+                           attention_mask=dmask[i:i + 1]).sample for i in range(x.shape[0])])
+
+
+@pytest.fixture(scope="module")
+def decoder_pair():
+    unet, text_proj = tiny_decoder()
+    sd, cfg, sample = decoder_from_diffusers(unet, text_proj)
+    return unet, text_proj, sd, cfg, sample
+
+
+@torch.no_grad()
+def test_decoder_forward_matches_diffusers(decoder_pair):
+    unet, text_proj, sd, cfg, sample = decoder_pair
+    model = build(cfg, sd)
+    assert cfg["unet"]["learn_sigma"] and cfg["diffusion"]["loss"] == "hybrid"
+    assert sample["steps"] == 25 and sample["guidance_scale"] == 8.0 and sample["sampler"] == "ddpm"
+    x, t, img, txt, states, mask = decoder_inputs()
+    ref = diffusers_decoder(unet, text_proj, x, t, img, txt, states, mask)
+    out = model.unet(x, t, clip_emb=img * model.clip_scale, context=states, context_mask=mask, text_emb=txt)
+    assert out.shape == ref.shape == (3, 6, 32, 32)
+    assert ref.abs().max() > 0.1
+    assert (out - ref).abs().max() <= 1e-4
+    # every conditioning input matters, and masked caption positions do not
+    other = states.clone()
+    other[2, 2:] += 5.0
+    assert torch.equal(model.unet(x, t, clip_emb=img, context=other, context_mask=mask, text_emb=txt)[2], out[2])
+    for kw in (dict(clip_emb=img.flip(0)), dict(text_emb=txt.flip(0)), dict(context=states.flip(0))):
+        args = {**dict(clip_emb=img, context=states, context_mask=mask, text_emb=txt), **kw}
+        assert (model.unet(x, t, **args) - out).abs().max() > 1e-3
+
+
+def test_decoder_round_trip_is_exact(decoder_pair):
+    unet, text_proj, sd, cfg, _ = decoder_pair
+    u_sd, u_cfg, t_sd, t_cfg = decoder_to_diffusers(sd, cfg)
+    for mine, theirs in ((u_sd, unet.state_dict()), (t_sd, text_proj.state_dict())):
+        assert sorted(mine) == sorted(theirs)
+        for k, v in theirs.items():
+            assert mine[k].dtype == v.dtype and torch.equal(mine[k], v), k
+    rebuilt = diffusers.UNet2DConditionModel(**u_cfg)
+    rebuilt.load_state_dict(u_sd, strict=True)
+    text_proj_class()(**t_cfg).load_state_dict(t_sd, strict=True)
+    for k, v in u_cfg.items():                   # the rebuilt module has the original's layout
+        want = unet.config[k]
+        assert (list(v) == list(want)) if isinstance(v, (list, tuple)) else v == want, k
+    assert decoder_net_config(unet.config, text_proj.config) == cfg
+
+
+def superres_inputs(seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    low = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    return x, torch.tensor([999, 0]), low
+
+
+@pytest.mark.parametrize("shift", ["default", "scale_shift"])
+@torch.no_grad()
+def test_superres_forward_matches_diffusers_and_round_trips(shift):
+    first, last = tiny_superres(0, resnet_time_scale_shift=shift), tiny_superres(1, resnet_time_scale_shift=shift)
+    sd, cfg = superres_from_diffusers(first, last, low_res_size=8)
+    model = build(cfg, sd)
+    assert cfg["unet"]["scale_shift_norm"] == (shift == "scale_shift")
+    x, t, low = superres_inputs()
+    # the pipeline: the 64px image resized with antialiased bicubic, concatenated after the noisy image
+    up = F.interpolate(low, size=[32, 32], mode="bicubic", align_corners=False, antialias=True)
+    for net, ref_net in ((model.unet, first), (model.last_unet, last)):
+        ref = torch.cat([ref_net(torch.cat([x[i:i + 1], up[i:i + 1]], 1), t[i]).sample for i in range(2)])
+        out = net(x, t, low_res=low)
+        assert ref.abs().max() > 0.1
+        assert (out - ref).abs().max() <= 1e-4
+    assert (model.unet(x, t, low_res=low) - model.last_unet(x, t, low_res=low)).abs().max() > 1e-2
+    f_sd, f_cfg, l_sd, l_cfg = superres_to_diffusers(sd, cfg)
+    for mine, theirs, mine_cfg in ((f_sd, first, f_cfg), (l_sd, last, l_cfg)):
+        assert sorted(mine) == sorted(theirs.state_dict())
+        assert all(torch.equal(mine[k], v) for k, v in theirs.state_dict().items())
+        diffusers.UNet2DModel(**mine_cfg).load_state_dict(mine, strict=True)
+        assert mine_cfg["resnet_time_scale_shift"] == shift
+
+
+def test_superres_single_network_stage():
+    first = tiny_superres(0)
+    sd, cfg = superres_from_diffusers(first, low_res_size=8)
+    assert cfg["last_unet"] is None and not any(k.startswith("last_unet.") for k in sd)
+    model = build(cfg, sd)
+    assert model.last_unet is None
+    f_sd, _, l_sd, l_cfg = superres_to_diffusers(sd, cfg)
+    assert l_sd is None and l_cfg is None and sorted(f_sd) == sorted(first.state_dict())
+
+
+def test_layouts_the_project_cannot_express_are_one_line_errors(decoder_pair):
+    unet, text_proj, sd, cfg, _ = decoder_pair
+    bad = dict(unet.config, addition_embed_type="text")
+    with pytest.raises(ValueError, match="addition_embed_type") as e:
+        decoder_net_config(bad, text_proj.config)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="time_embed_dim"):
+        decoder_net_config(unet.config, dict(text_proj.config, time_embed_dim=64))
+    with pytest.raises(ValueError, match="block types"):
+        superres_from_diffusers(tiny_superres(0, down_block_types=("DownBlock2D",) * 4))
+    with pytest.raises(ValueError, match="one layout"):
+        superres_from_diffusers(tiny_superres(0), tiny_superres(1, layers_per_block=1))
+    with pytest.raises(ValueError, match="no place"):
+        decoder_to_diffusers({**sd, "unet.extra.weight": torch.zeros(1)}, cfg)
+    with pytest.raises(ValueError, match="clip_scale"):
+        decoder_to_diffusers(sd, dict(cfg, clip_scale=None))
