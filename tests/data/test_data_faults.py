@@ -157,3 +157,16 @@ def test_copy_of_dir_reads_like_the_original(ten_shards, tmp_path):
     p = build_pipeline(dst, needs=("image",), image_size=16, batch_size=100, on_error="skip")
     (b,) = list(p)
     assert len(b["key"]) == 80 and p.stats.bad_shards == 0 and p.stats.shards_read == 10
+
+
+def test_sample_count_of_several_ranks_follows_the_policy(ten_shards, caplog):
+    """With several ranks the epoch length is counted from the tar headers: a truncated shard raises, or with
+    on_error=skip counts the samples before the cut (what the loader will read), with one warning."""
+    from unclip_pl.data.tar_reader import count_samples
+
+    truncate(ten_shards["tars"][2], keep=0.5)
+    with pytest.raises(ShardError, match="00002.tar"):
+        count_samples(ten_shards["tars"])
+    with caplog.at_level(logging.WARNING):
+        n = count_samples(ten_shards["tars"], skip_bad=True)
+    assert 72 <= n < 80 and sum("00002.tar" in r.getMessage() for r in caplog.records) == 1

@@ -252,7 +252,7 @@ class ShardDataModule(pl.LightningDataModule):
                     if any(is_remote(u) for u in urls):
                         raise ValueError("training on several ranks needs equal step counts: set "
                                          "data.epoch_length=<samples per epoch> (or data.resampled=true)")
-                    epoch_length = count_samples(urls)
+                    epoch_length = count_samples(urls, skip_bad=self.faults["on_error"] == "skip")
                 shards = "cycled"
                 log.info("world size %d: training shards are cycled and split across ranks, %d samples per epoch",
                          self.world_size, epoch_length)
@@ -273,19 +273,20 @@ class ShardDataModule(pl.LightningDataModule):
                                               **common, **self._embedding_sources("val", urls))
             self._val_workers = self._workers_for(urls, False)
 
-    def _loader(self, dataset, workers: int, before_iter=None) -> DataLoader:
+    def _loader(self, dataset, workers: int, tracker: PositionTracker | None = None) -> DataLoader:
         """A plain DataLoader over the (already batching) pipeline: ``batch_size=None``."""
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         return PositionedLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
                              persistent_workers=self.persistent_workers and workers > 0,
-                             prefetch_factor=4 if workers > 0 else None, before_iter=before_iter)
+                             prefetch_factor=4 if workers > 0 else None, tracker=tracker,
+                             consumes=self._consumes_tags)
 
     def train_dataloader(self):
         if self.train_dataset is None:
             self.setup("fit")
         if self.train_dataset is None:
             raise ValueError("no train_urls configured for this data module")
-        return self._loader(self.train_dataset, self._train_workers, before_iter=self._begin_train_iteration)
+        return self._loader(self.train_dataset, self._train_workers, tracker=self._tracker)
 
     def val_dataloader(self):
         if self.val_dataset is None:
@@ -304,7 +305,11 @@ class ShardDataModule(pl.LightningDataModule):
                     "epoch_length": order.epoch_length, "batch_size": self.batch_size,
                     "world_size": self.world_size, "workers": max(1, workers),
                     "source": hashlib.sha1("\n".join(urls).encode()).hexdigest()[:12]}
-        self._tracker = PositionTracker(position, settings)
+        per_epoch = None
+        if order.shards != "pass":  # a sized loader: Lightning stops each epoch at its length
+            per_epoch = max(1, workers) * batches_per_worker(order.epoch_length, self.batch_size, self.world_size,
+                                                             workers)
+        self._tracker = PositionTracker(position, settings, batches_per_epoch=per_epoch)
         if self._pending_position is not None:
             self.load_state_dict({"data_position": self._pending_position})
         return position
@@ -313,19 +318,14 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_rank) if trainer is not None else int(os.environ.get("RANK", "0"))
 
-    def _begin_train_iteration(self) -> bool:
-        """Before each iteration of the training loader: the first one continues the saved position (or starts
-        epoch 0), each later one starts the next epoch (Lightning iterates the loader once per epoch; its own epoch
-        count may run ahead, since a run stopped mid-epoch counts that epoch as done). Returns whether the
-        batches' position tags are consumed (under a trainer, by :meth:`on_before_batch_transfer`)."""
-        if self._tracker is None:
-            return False
+    def _consumes_tags(self) -> bool:
+        """Whether the training batches' position tags are recorded (under a trainer, by
+        :meth:`on_before_batch_transfer`); called as each iteration of the training loader starts."""
         trainer = getattr(self, "trainer", None)
-        epoch = self._tracker.begin()
         resumed = trainer is not None and getattr(trainer, "ckpt_path", None)
         if resumed and self._tracker.restored is None and not self._noted_restart and self._rank() == 0:
             log.info("%s holds no data position (saved before checkpoints recorded it): the data order restarts "
-                     "from the start of epoch %d", trainer.ckpt_path, epoch)
+                     "from the start of epoch 0", trainer.ckpt_path)
         self._noted_restart = True
         return trainer is not None
 
@@ -354,8 +354,7 @@ class ShardDataModule(pl.LightningDataModule):
             tag = batch.pop(POSITION_KEY)
             trainer = getattr(self, "trainer", None)
             if self._tracker is not None and trainer is not None and trainer.training:
-                progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
-                self._tracker.observe(tag, last_batch=bool(getattr(progress, "is_last_batch", False)))
+                self._tracker.observe(tag)
                 if self.log_keys:
                     path = Path(trainer.default_root_dir) / f"data_keys_rank{trainer.global_rank}.txt"
                     with open(path, "a") as f:

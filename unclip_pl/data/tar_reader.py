@@ -10,6 +10,7 @@ streaming, which webdataset uses, stops silently at a member boundary).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -286,8 +287,12 @@ class TarSamples:
                     self.faults.shard_done()
 
 
-def count_samples(urls: Sequence[str]) -> int:
-    """Count the samples (distinct keys) in local shards by scanning tar headers only."""
+def count_samples(urls: Sequence[str], skip_bad: bool = False) -> int:
+    """Count the samples (distinct keys) in local shards by scanning tar headers only.
+
+    A truncated or corrupt shard raises :class:`ShardError`, or with ``skip_bad`` counts the samples before the
+    damage, with one warning naming it (as the loader with ``on_error: skip`` reads them).
+    """
     total = 0
     for url in urls:
         keys = set()
@@ -297,8 +302,11 @@ def count_samples(urls: Sequence[str]) -> int:
                     key, _ = base_plus_ext(m.name)
                     if m.isreg() and key is not None:
                         keys.add(key)
-        except (tarfile.TarError, OSError) as e:
-            raise ShardError(f"truncated or corrupt shard {url}: {e}") from e
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if not skip_bad:
+                raise ShardError(f"truncated or corrupt shard {url}: {e}") from e
+            logging.getLogger(__name__).warning("counting samples: shard %s is truncated or corrupt (%s); "
+                                                "counted %d sample(s) before the damage", url, e, len(keys))
         total += len(keys)
     return total
 
