@@ -332,3 +332,12 @@ def test_data_module_errors_are_one_line(tmp_path):
         _module(tmp_path, batch_size=7).setup("fit")
     with pytest.raises(ConfigError, match="is not a folder"):
         _module(tmp_path / "nope").setup("fit")
+
+
+def test_pass_order_counts_the_files_a_window_spans(tmp_path):
+    from unclip_pl.data.embedding_folder import Part, PassOrder
+
+    parts = [Part(i, None, n) for i, n in enumerate([5, 5, 5, 5])]
+    assert PassOrder(parts, window=20).files_per_window() == 4
+    assert PassOrder(parts, window=5, shuffle=False).files_per_window() == 1
+    assert PassOrder(parts, window=6, shuffle=False).files_per_window() == 2  # [0, 6) spans files 0 and 1

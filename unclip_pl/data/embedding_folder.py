@@ -37,7 +37,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .position import POSITION_KEY, PositionedLoader
+from .position import POSITION_KEY
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class EmbeddingFolder:
         caption_column / key_column: column names in the metadata (clip-retrieval and img2dataset: ``caption``,
             ``key``). A missing key column keys rows as ``{N}_{row}``.
         text / metadata: whether text_emb and the metadata are required.
-        cache_files: metadata files kept decoded per process (captions and keys, as Arrow arrays).
+        cache_files: metadata files kept decoded per process (captions and keys, as Arrow arrays); the training
+            loader raises it to the number of files one shuffle window spans.
 
     Attributes: ``files`` (list of :class:`EmbeddingFile`, by number), ``dim`` (D), ``num_rows``, ``dtype``.
     Picklable: memory maps and metadata are opened lazily in each process (each DataLoader worker).
@@ -415,6 +416,15 @@ class PassOrder:
             self._windows.popitem(last=False)
         return files, rows
 
+    def files_per_window(self) -> int:
+        """The most files one window spans (what a reader should keep open at once)."""
+        if self.total == 0:
+            return 0
+        a = np.arange(0, self.total, self.window)
+        b = np.minimum(a + self.window, self.total) - 1
+        first, last = np.searchsorted(self.ends, a, side="right"), np.searchsorted(self.ends, b, side="right")
+        return int((last - first).max()) + 1
+
     def take(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(file indices, rows) of positions ``a .. b-1`` (int64 arrays)."""
         b = min(b, self.total)
@@ -518,12 +528,35 @@ class EmbeddingBatches(IterableDataset):
             return
         pass_index, start = self.position
         order = PassOrder(self.parts, self.seed, pass_index, self.window, shuffle=True)
+        # the rows of a window are shuffled across its files: keep the captions of all of them decoded (memory:
+        # about one window of captions), or every batch would read its files' metadata again
+        self.folder.cache_files = max(self.folder.cache_files, order.files_per_window())
         gb = self.global_batch
         for k in range(worker, self.steps_in_pass(start), workers):
             a = start + k * gb + self.rank * b
             batch = self._batch(*order.take(a, a + b))
             batch[POSITION_KEY] = (pass_index, start + (k + 1) * gb)
             yield batch
+
+
+class _StartingLoader(DataLoader):
+    """A DataLoader calling ``before_iter()`` as each iteration starts (before its workers are started with a copy
+    of the dataset); when that returns False (no trainer pops the position tags) it drops the tags itself."""
+
+    def __init__(self, *args, before_iter: Callable[[], bool] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.before_iter = before_iter
+
+    def __iter__(self):
+        consumed = bool(self.before_iter()) if self.before_iter is not None else False
+        it = super().__iter__()
+        return it if consumed else (_untagged(b) for b in it)
+
+
+def _untagged(batch):
+    if isinstance(batch, dict):
+        batch.pop(POSITION_KEY, None)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------- data module
@@ -655,9 +688,9 @@ class EmbeddingDataModule(pl.LightningDataModule):
     def _loader(self, dataset, before_iter=None) -> DataLoader:
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         workers = self.num_workers
-        return PositionedLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-                                persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
-                                before_iter=before_iter)
+        return _StartingLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                               persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+                               before_iter=before_iter)
 
     def _before_train_iter(self) -> bool:
         """Each pass starts at the data position (the workers are started after this, with a copy of it); whether
