@@ -65,25 +65,49 @@ def test_stream_restarted_from_any_batch_continues_exactly(monkeypatch, shard_di
         assert head + tail == full, f"cut at batch {cut}"
 
 
-def test_next_epoch_after_a_finished_one_and_passes_differ(shard_dir):
+def _consuming_loader(shard_dir, order, tracker, workers=0):
+    return PositionedLoader(_pipeline(shard_dir, order, tracker.position), batch_size=None, num_workers=workers,
+                            tracker=tracker, consumes=lambda: True)
+
+
+def test_an_epoch_ends_when_its_stream_is_used_up(shard_dir):
     order = ORDERS[1]
     tracker = PositionTracker(DataPosition(0), {})
-    tracker.begin()
-    p = _pipeline(shard_dir, order, tracker.position)
-    epoch0 = [b["key"] for b in p]
-    tracker.begin()  # a later iteration: the next epoch
-    epoch1 = [b["key"] for b in p]
+    loader = _consuming_loader(shard_dir, order, tracker)
+    epoch0 = []
+    for batch in itertools.islice(loader, 4):  # the loop stops early (an epoch cut short)
+        tracker.observe(batch.pop(POSITION_KEY))
+        epoch0.append(batch["key"])
+    assert tracker.epoch == 0 and not tracker.epoch_done
+    for batch in loader:  # the next iteration continues epoch 0: a stream ends only when it is used up
+        tracker.observe(batch.pop(POSITION_KEY))
+        epoch0.append(batch["key"])
+    assert tracker.epoch == 0 and tracker.epoch_done
+    epoch1 = []
+    for batch in loader:
+        tracker.observe(batch.pop(POSITION_KEY))
+        epoch1.append(batch["key"])
+    assert tracker.epoch == 1
     flat0, flat1 = sum(epoch0, []), sum(epoch1, [])
     assert sorted(flat0) == sorted(flat1) == [f"s{i:05d}" for i in range(40)] and flat0 != flat1
-    # saved at the last batch of epoch 0 (the loop says so): the resumed stream is epoch 1
+    # saved after the last batch of epoch 0: the resumed stream is epoch 1
     t = PositionTracker(DataPosition(0), {})
-    t.begin()
-    for batch in _pipeline(shard_dir, order, t.position):
-        t.observe(batch.pop(POSITION_KEY), last_batch=True)
+    for batch in _consuming_loader(shard_dir, order, t):
+        t.observe(batch.pop(POSITION_KEY))
     resumed = PositionTracker(DataPosition(0), {})
     resumed.load_state_dict(t.state_dict(), {})
-    assert resumed.begin() == 1
-    assert [b["key"] for b in _pipeline(shard_dir, order, resumed.position)] == epoch1
+    assert [b["key"] for b in _consuming_loader(shard_dir, order, resumed)] == epoch1 and resumed.epoch == 1
+
+
+def test_a_sized_epoch_ends_after_its_batch_count(shard_dir):
+    order = TrainOrder("cycled", shuffle_buffer=0, seed=2, epoch_length=24)  # 8 batches of 3 per epoch
+    tracker = PositionTracker(DataPosition(0, shard_skip=True), {}, batches_per_epoch=8)
+    loader = _consuming_loader(shard_dir, order, tracker)
+    for batch in itertools.islice(loader, 8):  # Lightning stops a sized loader at its length
+        tracker.observe(batch.pop(POSITION_KEY))
+    assert tracker.epoch_done
+    iter(loader)
+    assert tracker.epoch == 1
 
 
 def test_without_shuffle_buffer_the_shards_read_are_not_opened_again(monkeypatch, shard_dir):
@@ -124,7 +148,7 @@ def test_real_loader_workers_resume_with_round_robin_rotation(shard_dir):
         if state is not None:
             tracker.load_state_dict(state, {})
         loader = PositionedLoader(_pipeline(shard_dir, order, position), batch_size=None, num_workers=2,
-                                  before_iter=lambda: tracker.begin() is not None)
+                                  tracker=tracker, consumes=lambda: True)
         keys = []
         for batch in loader:
             tracker.observe(batch.pop(POSITION_KEY))

@@ -71,11 +71,12 @@ def _resume_matches(tmp_path, overrides: list[str], stop_at: int, steps: int):
     return ref
 
 
-@pytest.mark.parametrize("workers,stop_at", [(0, 4), (2, 6), (2, 9)])
-def test_resume_one_rank_continues_the_sample_sequence(tmp_path, shards, workers, stop_at):
+@pytest.mark.parametrize("workers,stop_at,persistent", [(0, 4, False), (2, 6, True), (2, 9, False)])
+def test_resume_one_rank_continues_the_sample_sequence(tmp_path, shards, workers, stop_at, persistent):
     """Mid-epoch (steps 4 and 6 of a 10-batch pass, 2 workers: the last batch came from worker 0) and at the
-    pass's last batch (step 9: the next run starts the next pass)."""
-    ref = _resume_matches(tmp_path, _data(shards, workers, buffer=6), stop_at, steps=16)
+    pass's last batch (step 9: the next run starts the next pass); persistent workers or not."""
+    over = _data(shards, workers, buffer=6) + [f"data.persistent_workers={str(persistent).lower()}"]
+    ref = _resume_matches(tmp_path, over, stop_at, steps=16)
     assert len(ref) == 16
     _check_passes([keys for _, keys in ref], per_pass=N_SAMPLES // BATCH, all_keys={f"k{i:03d}" for i in
                                                                                        range(N_SAMPLES)})
@@ -87,12 +88,23 @@ def test_resume_with_accumulation_and_validation_in_between(tmp_path, shards):
     ref = _resume_matches(tmp_path, _data(shards, 2, buffer=6) + extra, stop_at=3, steps=7)
     assert [step for step, _ in ref] == [s for s in range(7) for _ in range(2)]  # 2 batches per optimiser step
     _check_passes([keys for _, keys in ref], per_pass=N_SAMPLES // BATCH)
+    for name in ("ref", "run"):
+        header, *rows = (tmp_path / name / "csv" / "metrics.csv").read_text().splitlines()
+        col = header.split(",").index("val/loss")
+        assert any(row.split(",")[col] for row in rows), f"{name}: no validation ran"
 
 
 def test_resume_without_shuffle_buffer_skips_whole_shards(tmp_path, shards):
     """No sample shuffle: the shards read before the stop are skipped unopened, and the sequence is the same."""
     ref = _resume_matches(tmp_path, _data(shards, 0, buffer=0), stop_at=5, steps=9)
     assert len(ref) == 9
+
+
+def test_resume_resampled_shards(tmp_path, shards):
+    """data.resampled: shards drawn with replacement by a seeded RNG per (epoch, rank, worker), 6 steps per epoch."""
+    over = _data(shards, 2, buffer=6) + ["data.resampled=true", "data.epoch_length=24"]
+    ref = _resume_matches(tmp_path, over, stop_at=7, steps=10)
+    assert len(ref) == 10
 
 
 def test_checkpoint_without_data_position_restarts_the_epoch_with_one_line(tmp_path, shards, caplog):

@@ -17,12 +17,12 @@ another loader can reuse these classes as they are):
    :class:`PositionTracker`: per worker, the last consumed position, and which worker gave the last batch.
 4. **Checkpoint.** ``LightningDataModule.state_dict()`` returns :func:`gather_states` of the tracker (every rank's
    position; Lightning writes only rank 0's dict). ``load_state_dict()`` gives each rank its own entry back.
-5. **Resume.** Before every iteration of the training loader (:class:`PositionedLoader` calls a hook in
-   ``__iter__``) :meth:`PositionTracker.begin` writes into the shared :class:`DataPosition` the epoch, the per-worker
-   skips and the worker rotation: a ``DataLoader`` takes its batches round-robin from its workers starting with
-   worker 0, so after a resume physical worker ``w`` plays *virtual* worker ``(w + offset) % W``, ``offset`` being
-   the worker after the one that gave the last consumed batch. The resumed sequence of batches is then the one an
-   uninterrupted run would have read.
+5. **Resume.** Before every iteration of the training loader (:class:`PositionedLoader` calls it in ``__iter__``)
+   :meth:`PositionTracker.begin` writes into the shared :class:`DataPosition` the epoch (the current one until its
+   stream is used up, then the next), the per-worker skips and the worker rotation. A ``DataLoader`` takes its
+   batches round-robin from its workers starting with worker 0, so after a resume physical worker ``w`` plays
+   *virtual* worker ``(w + offset) % W``, ``offset`` being the worker after the one that gave the last consumed
+   batch. The resumed sequence of batches is then the one an uninterrupted run would have read.
 
 Skipping is cheap: items are dropped before decoding; with no sample shuffle buffer whole shards are skipped
 without being opened (``shard_skip``). With a shuffle buffer the skipped shards are read (tar bytes only, nothing
@@ -213,47 +213,63 @@ def batches_consumed(position: DataPosition) -> int:
 class PositionTracker:
     """Main-process record of what training consumed, per virtual worker, in the current epoch.
 
+    An epoch ends when its stream is used up: the loader ran out (:meth:`end_of_stream`) and every batch it gave
+    was consumed, or ``batches_per_epoch`` batches were consumed (a sized loader, which Lightning stops at its
+    length). Lightning's own epoch count is not used: it counts an epoch stopped early (a preemption) as done.
+
     Args:
         position: the shared :class:`DataPosition` of the training pipeline.
         settings: what the order depends on besides the position (seed, world size, workers, shard list, ...);
             a saved position is used only when they are equal.
+        batches_per_epoch: batches of one epoch of this rank when fixed (cycled or resampled shards), else None.
     """
 
-    def __init__(self, position: DataPosition, settings: dict[str, Any]):
+    def __init__(self, position: DataPosition, settings: dict[str, Any], batches_per_epoch: int | None = None):
         self.position, self.settings = position, dict(settings)
+        self.batches_per_epoch = batches_per_epoch
         self.epoch: int | None = None
         self.workers: dict[int, tuple[int, ...]] = {}
         self.last_worker: int | None = None
         self.epoch_done = False
         self.restored: bool | None = None  # None: nothing loaded; True: loaded and usable; False: loaded, unusable
-        self.iterations = 0
+        self._consumed = 0  # batches consumed in the current iteration of the loader
+        self._produced: int | None = None  # batches that iteration gave in all, once it ran out
 
-    def observe(self, tag: tuple[int, ...], last_batch: bool = False) -> None:
-        """Record a consumed batch's tag; ``last_batch``: the loop knows it was the last of its epoch."""
+    def observe(self, tag: tuple[int, ...]) -> None:
+        """Record a consumed batch's position tag."""
         epoch, worker, *counts = (int(v) for v in tag)
         if epoch != self.epoch:
             self.epoch, self.workers = epoch, {}
         self.workers[worker] = tuple(counts)
-        self.last_worker, self.epoch_done = worker, bool(last_batch)
+        self.last_worker = worker
+        self._consumed += 1
+        done_by_count = self.batches_per_epoch is not None and (
+            sum(c[FIELDS.index("batches")] for c in self.workers.values()) >= self.batches_per_epoch)
+        self.epoch_done = done_by_count or (self._produced is not None and self._consumed >= self._produced)
 
-    def begin(self, epoch: int | None = None) -> int:
-        """Set the shared position for an iteration of the loader and return its epoch: ``epoch``, or when None the
-        epoch of the restored position for the first iteration (0 without one) and the next epoch for each later
-        one. Within the epoch being read it continues after the consumed batches; a finished epoch moves on to the
-        next."""
-        if epoch is None:
-            epoch = 0 if self.epoch is None else self.epoch + (1 if self.iterations else 0)
-        self.iterations += 1
-        if self.epoch == epoch and self.epoch_done:
-            epoch += 1  # the consumed batches ended this epoch (a save at its last batch): the next one starts
-        if self.epoch != epoch:
+    def end_of_stream(self, produced: int, consumed: bool = True) -> None:
+        """The loader's iteration ran out after ``produced`` batches (``consumed``: the caller records them with
+        :meth:`observe`; if not, the epoch counts as done now)."""
+        self._produced = produced
+        if not consumed or self._consumed >= produced:
+            self.epoch_done = True
+
+    def begin(self) -> int:
+        """Set the shared position for an iteration of the loader and return its epoch: the current epoch, after
+        the batches consumed so far (the restored position, or epoch 0), or the next epoch once it is done."""
+        if self.epoch is None:
+            epoch = 0
+        else:
+            epoch = self.epoch + 1 if self.epoch_done else self.epoch
+        if epoch != self.epoch:
             self.epoch, self.workers, self.last_worker, self.epoch_done = epoch, {}, None, False
+        self._consumed, self._produced = 0, None
         offset = 0 if self.last_worker is None else self.last_worker + 1
         self.position.set(epoch, offset, self.workers)
         return epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's position: epoch, per-worker counters, last worker, whether the epoch ended."""
+        """This rank's position: epoch, per-worker counters, last worker, whether the epoch is done."""
         return {"epoch": self.epoch, "workers": {int(w): list(c) for w, c in self.workers.items()},
                 "last_worker": self.last_worker, "epoch_done": self.epoch_done}
 
@@ -306,28 +322,51 @@ def restore_from_checkpoint(tracker: PositionTracker, state: dict[str, Any], ran
 
 
 class PositionedLoader(DataLoader):
-    """A ``DataLoader`` that calls ``before_iter()`` each time an iteration starts (before the workers start or
-    resume reading), so the main process can set the :class:`DataPosition` the workers read.
+    """A ``DataLoader`` that tells a :class:`PositionTracker` when an iteration starts (before the workers start or
+    resume reading: :meth:`PositionTracker.begin` sets the :class:`DataPosition` they read) and when it runs out.
 
-    ``before_iter()`` returns whether the caller consumes the position tags (a datamodule under a trainer pops them
-    in ``on_before_batch_transfer``); when it does not, or there is no hook, the loader removes them from the
-    batches it yields."""
+    ``consumes()`` says whether the caller consumes the position tags (a datamodule under a trainer pops them in
+    ``on_before_batch_transfer`` and records them); when it does not, or there is none, the loader removes them
+    from the batches and an iteration that runs out ends its epoch."""
 
-    def __init__(self, *args, before_iter: Callable[[], bool] | None = None, **kwargs):
+    def __init__(self, *args, tracker: PositionTracker | None = None, consumes: Callable[[], bool] | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.before_iter = before_iter
+        self.tracker, self.consumes = tracker, consumes
 
     def __iter__(self):
-        consumed = bool(self.before_iter()) if self.before_iter is not None else False
-        it = super().__iter__()
-        return it if consumed else _without_tags(it)
+        if self.tracker is None:
+            return _Batches(super().__iter__(), None, False)
+        consumed = bool(self.consumes()) if self.consumes is not None else False
+        self.tracker.begin()  # before the workers (re)start reading
+        return _Batches(super().__iter__(), self.tracker, consumed)
 
 
-def _without_tags(batches: Iterable[Any]) -> Iterator[Any]:
-    for batch in batches:
-        if isinstance(batch, dict):
+class _Batches:
+    """The loader's iterator, counting the batches it gives and reporting when it runs out."""
+
+    def __init__(self, it, tracker: PositionTracker | None, consumed: bool):
+        self.it, self.tracker, self.consumed, self.produced = it, tracker, consumed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            if self.tracker is not None:
+                self.tracker.end_of_stream(self.produced, self.consumed)
+            raise
+        self.produced += 1
+        if not self.consumed and isinstance(batch, dict):
             batch.pop(POSITION_KEY, None)
-        yield batch
+        return batch
+
+    def __getattr__(self, name):  # e.g. the workers' shutdown of a DataLoader iterator
+        if name == "it":
+            raise AttributeError(name)
+        return getattr(self.it, name)
 
 
 __all__ = ["POSITION_KEY", "FIELDS", "stream_seed", "worker_info", "DataPosition", "SkipAndCount", "TagPosition",
