@@ -19,7 +19,22 @@ def _plain(cfg, key):
 
 
 def test_experiment_files():
-    assert sorted(p.stem for p in FOLDER.glob("*.yaml")) == ["ar", "decoder", "diffusion"]
+    assert sorted(p.stem for p in FOLDER.glob("*.yaml")) == ["ar", "clip", "decoder", "diffusion", "judge"]
+
+
+def test_the_experiment_has_its_own_clips():
+    """The conditioning CLIP is exported to the experiment's own file, which every other stage loads (never trained
+    on the fly); the judge is a CLIP of another width and seed, kept in its run directory."""
+    clip = _compose(["experiment=ar_vs_diffusion/clip"])
+    assert clip.stage == "clip" and clip.run_name == "clip" and clip.trainer.max_epochs == 10
+    assert clip.clip.export_to == clip.clip.loader.checkpoint
+    assert clip.clip.loader.checkpoint.endswith("/clip/ar_vs_diffusion-clip.pt")
+    judge = _compose(["experiment=ar_vs_diffusion/judge"])
+    assert (judge.stage, judge.run_name, judge.seed, judge.clip.name) == ("clip", "judge", 1, "judge")
+    assert judge.clip.embed_dim != clip.clip.embed_dim and judge.clip.export_to is None
+    for name in ("diffusion", "ar", "decoder"):
+        cfg = _compose([f"experiment=ar_vs_diffusion/{name}"])
+        assert cfg.clip.loader.checkpoint == clip.clip.loader.checkpoint and cfg.clip.autotrain is False, name
 
 
 def test_the_two_priors_differ_only_in_the_prior():
@@ -44,6 +59,6 @@ def test_decoder_experiment_and_run_sh():
     script = RUN_SH.read_text()
     assert "experiment=ar_vs_diffusion/decoder" in script
     assert "for p in diffusion ar; do" in script and "python train.py experiment=ar_vs_diffusion/$p" in script
-    assert "experiment=emoji_cascade/clip" in script and "experiment=emoji_cascade/judge" in script
+    assert "experiment=ar_vs_diffusion/clip" in script and "experiment=ar_vs_diffusion/judge" in script
     assert "trainer.max_time" not in script, "the budgets live in the experiment files"
     assert re.search(r"taskset -c", script), "each prior on one core"
