@@ -83,7 +83,7 @@ def decoder_inputs(B: int = 3, S: int = 7, seed: int = 1):
     states = torch.randn(B, S, 24, generator=g)
     mask = torch.ones(B, S, dtype=torch.bool)
     mask[1, 4:] = False
-    mask[2, 2:] = False
+    mask[B - 1, 2:] = False
     return x, t, img, txt, states, mask
 
 
@@ -198,3 +198,95 @@ def test_layouts_the_project_cannot_express_are_one_line_errors(decoder_pair):
         decoder_to_diffusers({**sd, "unet.extra.weight": torch.zeros(1)}, cfg)
     with pytest.raises(ValueError, match="clip_scale"):
         decoder_to_diffusers(sd, dict(cfg, clip_scale=None))
+
+
+# ----------------------------------------------------------------------------------------------------------- sampling
+# UnCLIPPipeline's decoder and super-resolution loops (diffusers' UnCLIPScheduler: learned_range / fixed_small_log
+# variance, ancestral steps at round(i * 999 / (N - 1))) against the project's ddpm sampler with the converted
+# models; both draw their starting noise from x_T and their step noise from generators of one seed (one draw of the
+# sample's shape per step but the last, in the same order), so the injected noise is the same tensors. The scheduler's
+# tables are made float64 like the project's: in float32, 1 - alphas_cumprod[0] (= beta_0, about 4e-5) keeps only
+# three digits, which scales diffusers' final step by about 0.9995 (a 5e-4 difference in the images). The tolerance,
+# 1e-3, allows for the networks' float32 rounding (~1e-6) amplified by the x0 prediction at the noisiest step
+# (1 / sqrt(alphas_cumprod[999]), about 160); most pixels agree to 1e-6.
+
+
+def float64_tables(scheduler):
+    scheduler.betas = scheduler.betas.double()
+    scheduler.alphas = 1.0 - scheduler.betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    return scheduler
+
+@torch.no_grad()
+def test_decoder_sampling_matches_the_unclip_pipeline(decoder_pair):
+    unet, text_proj, sd, cfg, _ = decoder_pair
+    model = build(cfg, sd)
+    _, _, img, txt, states, mask = decoder_inputs(B=2)
+    g = torch.Generator().manual_seed(7)
+    empty_states, empty_txt = torch.randn(1, states.shape[1], 24, generator=g), torch.randn(1, 24, generator=g)
+    empty_mask = torch.zeros(1, states.shape[1], dtype=torch.bool)
+    empty_mask[:, :2] = True                     # the empty caption: start and end token
+    x_T = torch.randn(2, 3, 32, 32, generator=g)
+    steps, scale = 4, 3.0
+
+    scheduler = float64_tables(diffusers.UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"))
+    scheduler.set_timesteps(steps)
+    hidden, add = text_proj(image_embeddings=img, prompt_embeds=torch.cat([empty_txt.expand(2, -1), txt]),
+                            text_encoder_hidden_states=torch.cat([empty_states.expand(2, -1, -1), states]),
+                            do_classifier_free_guidance=True)
+    dmask = F.pad(torch.cat([empty_mask.expand(2, -1), mask]), (text_proj.clip_extra_context_tokens, 0), value=True)
+    x, noise = x_T.clone(), torch.Generator().manual_seed(11)
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        out = unet(torch.cat([x, x]), t, encoder_hidden_states=hidden, class_labels=add, attention_mask=dmask).sample
+        out_u, out_c = out.chunk(2)
+        eps_u, eps_c, var = out_u[:, :3], out_c[:, :3], out_c[:, 3:]
+        guided = torch.cat([eps_u + scale * (eps_c - eps_u), var], dim=1)
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        x = scheduler.step(guided, t, x, prev_timestep=prev, generator=noise).prev_sample
+    ref = x.float().clamp(-1, 1)
+
+    # the project's decoder: the empty caption as the unconditional branch's caption, trimmed to its 2 real tokens
+    ours = model.sample(img, text=(states, mask), text_emb=txt, steps=steps, sampler="ddpm", eta=0.0,
+                        guidance_scale=scale, generator=torch.Generator().manual_seed(11), x_T=x_T,
+                        uncond_text=(empty_states[:, :2], empty_mask[:, :2], empty_txt))
+    assert ref.std() > 0.1
+    assert (ours - ref).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match="empty caption"):
+        model.sample(img, text=(states, mask), text_emb=txt, steps=steps, sampler="ddpm", eta=0.0,
+                     guidance_scale=scale, x_T=x_T)
+    with pytest.raises(ValueError, match="text_emb"):
+        model.sample(img, text=(states, mask), steps=steps, sampler="ddpm", eta=0.0, guidance_scale=1.0, x_T=x_T)
+
+
+@torch.no_grad()
+def test_superres_sampling_matches_the_unclip_pipeline():
+    first, last = tiny_superres(0), tiny_superres(1)
+    sd, cfg = superres_from_diffusers(first, last, low_res_size=8)
+    model = build(cfg, sd)
+    g = torch.Generator().manual_seed(3)
+    small = (torch.rand(2, 3, 8, 8, generator=g) * 2 - 1)
+    x_T = torch.randn(2, 3, 32, 32, generator=g)
+    steps = 3
+
+    scheduler = float64_tables(diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+    scheduler.set_timesteps(steps)
+    up = F.interpolate(small, size=[32, 32], mode="bicubic", align_corners=False, antialias=True)
+    x, noise = x_T.clone(), torch.Generator().manual_seed(5)
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        net = last if i == len(timesteps) - 1 else first   # super_res_last runs the final step only
+        pred = net(torch.cat([x, up], dim=1), t).sample
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        x = scheduler.step(pred, t, x, prev_timestep=prev, generator=noise).prev_sample
+    ref = x.float().clamp(-1, 1)
+
+    ours = model.sample(small, steps=steps, sampler="ddpm", eta=0.0, generator=torch.Generator().manual_seed(5),
+                        x_T=x_T)
+    assert ref.std() > 0.1
+    assert (ours - ref).abs().max() <= 1e-3
+    model.last_unet = None                           # without the last-step network the final step differs
+    alone = model.sample(small, steps=steps, sampler="ddpm", eta=0.0, generator=torch.Generator().manual_seed(5),
+                         x_T=x_T)
+    assert (alone - ref).abs().max() > 1e-2
