@@ -12,7 +12,7 @@ from tests.helpers import CONF, ROOT, compose
 from unclip_pl.train import ConfigError, check_config, selected_stage, trainer_kwargs
 
 STAGE_GROUPS = ("prior", "decoder", "upsampler")
-PAPER = ("paper",)  # option names containing this are paper-size: instantiated in the slow test only
+PAPER = ("paper", "karlo")  # option names containing these are full-size: instantiated in the slow test only
 
 
 def options(group: str) -> list[str]:

@@ -245,3 +245,19 @@ def test_full_size_karlo_prior_converts_and_runs():
     with torch.no_grad():
         got = model.net(i["x"], i["t"], text_tokens=i["hid"], text_mask=i["mask"], txt_emb=i["emb"])
     assert (got - ref).abs().max() <= 1e-4
+
+
+def test_prior_karlo_config_is_the_converters_shape(tmp_path):
+    """`prior=karlo clip=vit_l14` builds the network the converter makes of Karlo's prior config, with its sampler."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose
+    from unclip_pl.convert.prior import net_kwargs
+
+    cfg = compose(["prior=karlo", "clip=vit_l14"], tmp_path)
+    model = OmegaConf.to_container(cfg.prior.module.model, resolve=True)
+    net = {k: v for k, v in model.pop("net").items() if k != "_target_"}
+    assert net == net_kwargs(KARLO)
+    assert model["normalization"] == "standardize" and model["clip_sample_range"] == 5.0
+    assert OmegaConf.to_container(cfg.prior.sample) == {"steps": 25, "sampler": "ddpm", "eta": 0.0, "best_of": 1,
+                                                        "guidance_scale": 4.0}
