@@ -25,7 +25,7 @@ class SlurmTinyStage(TinyStage):
     def __init__(self, model, optimizer=None, warmup_steps: int = 0, ema_decay: float | None = 0.9,
                  record_dir: str | None = None, signal_at_step: int | None = None, signal_name: str = "SIGTERM",
                  fail: bool = False, run_config: dict | None = None, wait_at_step: int | None = None,
-                 wait_s: float = 120.0):
+                 wait_s: float = 600.0):
         super().__init__(model, optimizer=optimizer, warmup_steps=warmup_steps, ema_decay=ema_decay,
                          record_dir=record_dir, signal_at_step=signal_at_step, signal_name=signal_name, fail=fail,
                          run_config=run_config)

@@ -7,7 +7,7 @@
 3. Preemption with ``experiments/slurm/train.sbatch`` (``srun python train.py trainer=ddp ...``): SLURM's warning
    signal (``scancel --signal=USR1``) and, separately, ``scontrol requeue``: the job saves, is requeued, starts
    again in the same run directory with ``SLURM_RESTART_COUNT=1``, resumes at the saved step with the same wandb id
-   (offline) and ends with the weights of an uninterrupted run.
+   (offline), reads on from the sample where it stopped and ends with the weights of an uninterrupted run.
 4. A sweep with a failing job: listed as failed in ``summary.json``, and the sweep exits with code 1.
 
 The Hydra submissions start together (module fixture ``submitted``) and run while the preemption tests wait.
@@ -71,10 +71,14 @@ class Submission:
 
 
 @pytest.fixture(scope="module")
-def submitted(slurm_cluster, tmp_path_factory):
+def shards(tmp_path_factory) -> Path:
+    return _tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def submitted(slurm_cluster, shards, tmp_path_factory):
     """The Hydra submissions, started at once: ``{name: (Submission, sweep dir, record dir)}``."""
     base = tmp_path_factory.mktemp("hydra_slurm")
-    shards = _tiny_shards(base / "shards")
     runs = {
         "single": [*LAUNCHER, f"trainer.max_steps={STEPS}"],
         "two_nodes": [*LAUNCHER, "hydra.launcher.nodes=2", *CPU_DDP, "trainer.max_steps=3", "data=ops_shards",
@@ -124,6 +128,12 @@ def _last(run_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- 3: sbatch
+def _shard_data(shards: Path) -> list[str]:
+    """The real ShardDataModule over the tiny shards, one batch of 4 per step, each step's keys in
+    ``<run dir>/data_keys_rank<r>.txt`` (``data.log_keys``)."""
+    return ["data=ops_shards", f"data.train_urls={shards}", "data.val_urls=null", "data.log_keys=true"]
+
+
 def _sbatch(cluster: Cluster, folder: Path, *train_args: str) -> tuple[str, Path, Path]:
     """Submit experiments/slurm/train.sbatch (from the repository root, as the README says) with the tiny stage,
     one node, one task; returns (job id, run directory logs/train/runs/<job id>, record dir)."""
@@ -136,23 +146,29 @@ def _sbatch(cluster: Cluster, folder: Path, *train_args: str) -> tuple[str, Path
 
 
 @pytest.fixture(scope="module")
-def preemptible(slurm_cluster, submitted, tmp_path_factory):
+def preemptible(slurm_cluster, submitted, shards, tmp_path_factory):
     """Two jobs of the sbatch script that wait in training step 2 of their first attempt until signalled (at most
-    2 minutes): ``{"usr1" | "requeue": (job id, run dir, record dir, folder)}``. Submitted together with the Hydra
-    submissions, so that all of them run at once."""
+    10 minutes; the cluster cancels what is left at teardown): ``{"usr1" | "requeue": (job id, run dir, record dir,
+    folder)}``. Submitted together with the Hydra submissions, so that all of them run at once."""
     jobs = {}
     for name in ("usr1", "requeue"):
         folder = tmp_path_factory.mktemp(f"sbatch_{name}")
-        jobs[name] = (*_sbatch(slurm_cluster, folder, "+prior.module.wait_at_step=2"), folder)
+        jobs[name] = (*_sbatch(slurm_cluster, folder, *_shard_data(shards), "+prior.module.wait_at_step=2"), folder)
     return jobs
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The state dict of an uninterrupted run of the same length (in this process)."""
+def reference(shards, tmp_path_factory) -> tuple[dict[str, torch.Tensor], list[tuple[int, list[str]]]]:
+    """An uninterrupted run of the same length (in this process): its state dict and ``[(step, batch keys)]``."""
     folder = tmp_path_factory.mktemp("reference")
-    fit(compose_ops([f"trainer.max_steps={STEPS}"], folder))
-    return _last(folder)["state_dict"]
+    fit(compose_ops([*_shard_data(shards), f"trainer.max_steps={STEPS}"], folder))
+    return _last(folder)["state_dict"], _keys(folder)
+
+
+def _keys(run_dir: Path) -> list[tuple[int, list[str]]]:
+    """``[(global step, keys of its batch), ...]`` in training order (``data.log_keys``), all attempts."""
+    lines = (run_dir / "data_keys_rank0.txt").read_text().splitlines()
+    return [(int(step), keys.split()) for step, keys in (line.split("\t") for line in lines)]
 
 
 def _wait_for_file(path: Path, cluster: Cluster, job: str, output: Path, timeout: float = 180) -> None:
@@ -171,11 +187,11 @@ def _wandb_run_ids(run_dir: Path) -> list[str]:
             for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
 
 
-def _signal_then_check_resumed(cluster: Cluster, job_info: tuple, signal_command: list[str],
-                               reference: dict[str, torch.Tensor]) -> str:
+def _signal_then_check_resumed(cluster: Cluster, job_info: tuple, signal_command: list[str], reference: tuple) -> str:
     """Signal the job mid-training with ``signal_command + [job]``; then: it ended after one requeue, started
-    again in the same run directory with SLURM_RESTART_COUNT=1 at the saved step, kept its wandb id and matches an
-    uninterrupted run. Returns the job's output."""
+    again in the same run directory with SLURM_RESTART_COUNT=1 at the saved step, kept its wandb id, read on from
+    where it stopped and matches an uninterrupted run. Returns the job's output."""
+    ref_weights, ref_keys = reference
     job, run_dir, record, folder = job_info
     out_file = folder / f"slurm-{job}.out"
     _wait_for_file(record / "waiting", cluster, job, out_file)
@@ -193,8 +209,11 @@ def _signal_then_check_resumed(cluster: Cluster, job_info: tuple, signal_command
     assert ckpt["global_step"] == STEPS
     wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
     assert _wandb_run_ids(run_dir) == [wandb_id, wandb_id]
-    for k in reference:
-        torch.testing.assert_close(ckpt["state_dict"][k], reference[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the sample keys after the restart continue the sequence (steps 3, 4, 5 read what an uninterrupted run reads)
+    assert [step for step, _ in _keys(run_dir)] == list(range(STEPS))
+    assert _keys(run_dir) == ref_keys
+    for k in ref_weights:
+        torch.testing.assert_close(ckpt["state_dict"][k], ref_weights[k], rtol=1e-5, atol=1e-6, msg=k)
     return output
 
 
