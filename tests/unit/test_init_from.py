@@ -119,3 +119,31 @@ def test_not_a_checkpoint_is_one_line(tmp_path):
     with pytest.raises(CheckpointError) as e:
         init_weights(_module(), tmp_path / "x.pt", "prior")
     assert "\n" not in str(e.value) and str(e.value).startswith("init_from: ")
+
+
+@pytest.mark.parametrize("ckpt_path", ["/runs/a/checkpoints/step10.ckpt", None])
+def test_init_from_with_a_checkpoint_to_resume_says_which_is_for_what(ckpt_path, tmp_path):
+    """Explicit ckpt_path, or (None) a run directory whose last.ckpt resume=auto would continue."""
+    from omegaconf import OmegaConf
+
+    from unclip_pl.train import ConfigError, init_from_weights
+
+    _export(tmp_path / "w.pt", _module().model.state_dict())
+    cfg = OmegaConf.create({"init_from": str(tmp_path / "w.pt"), "init_strict": True, "ckpt_path": ckpt_path})
+    found = ckpt_path or "/runs/a/checkpoints/last.ckpt"
+    with pytest.raises(ConfigError) as e:
+        init_from_weights(cfg, _module(), "prior", found)
+    msg = str(e.value)
+    assert "\n" not in msg and "resumes a run" in msg and "starts a new run from weights only" in msg
+    assert (f"ckpt_path={ckpt_path}" in msg) if ckpt_path else ("last.ckpt (resume=auto)" in msg and
+                                                                "resume=never" in msg)
+
+
+def test_init_from_missing_file_is_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from unclip_pl.train import ConfigError, init_from_weights
+
+    cfg = OmegaConf.create({"init_from": str(tmp_path / "nope.pt"), "init_strict": True, "ckpt_path": None})
+    with pytest.raises(ConfigError, match="nope.pt does not exist"):
+        init_from_weights(cfg, _module(), "prior", None)
