@@ -46,7 +46,7 @@ CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "train
 class Submission:
     """``python train.py -m ...`` (Hydra submits to the cluster and waits for the jobs) in the background."""
 
-    def __init__(self, cluster: Cluster, folder: Path, args: list[str], timeout: float = 240):
+    def __init__(self, cluster: Cluster, folder: Path, args: list[str], timeout: float = 400):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.timeout = folder, timeout
         self._out, self._err = open(folder / "launcher.out", "w"), open(folder / "launcher.err", "w")
@@ -227,7 +227,7 @@ def test_sbatch_usr1_saves_requeues_and_resumes(slurm_cluster, preemptible, refe
 def test_scontrol_requeue_saves_and_resumes(slurm_cluster, preemptible, reference):
     """``scontrol requeue`` of the running job (SIGTERM to its tasks, SIGKILL after KillWait): it saves first."""
     output = _signal_then_check_resumed(slurm_cluster, preemptible["requeue"], ["scontrol", "requeue"], reference)
-    assert "Received SIGTERM: saved" in output
+    assert "Received SIGTERM: saved" in output and "unless SLURM requeues the job; to resume, run:" in output
 
 
 # ---------------------------------------------------------------------------------------------------- 1, 2, 5: Hydra

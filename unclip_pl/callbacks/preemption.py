@@ -208,7 +208,9 @@ class PreemptionCheckpoint(pl.Callback):
             return " (handing over to the signal handler installed before training, e.g. submitit's requeue)."
         if self.run_name is None:
             return "; rerun the same command in the same run directory to resume."
-        return f"; to resume, run:\n  {_this_run_command(self.run_name, path)}"
+        # under SLURM a SIGTERM may come with a requeue (scontrol requeue, preemption): the job then resumes itself
+        unless = "; unless SLURM requeues the job" if slurm_job_id() else ""
+        return f"{unless}; to resume, run:\n  {_this_run_command(self.run_name, path)}"
 
 
 def requeue_slurm_job() -> bool:
