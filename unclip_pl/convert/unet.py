@@ -272,7 +272,7 @@ def _decoder_layout(cfg: dict[str, Any], tcfg: dict[str, Any]):
     size = kw["image_size"]
     kw.update(in_channels=in_ch, out_channels=in_ch, learn_sigma=out_ch == 2 * in_ch,
               attention_resolutions=[size // 2 ** lvl for lvl in attn_levels], num_head_channels=head,
-              clip_dim=clip_dim, num_clip_tokens=n_tok, context_dim=ctx, low_res_channels=0, pool_context=False,
+              clip_dim=clip_dim, num_clip_tokens=n_tok, context_dim=ctx, pool_context=False,
               context_in_dim=clip_dim, text_emb_dim=clip_dim)
     names = _block_names(kw, lambda lvl: lvl in attn_levels)
     net_config = {

@@ -1,0 +1,84 @@
+"""decoder=karlo and upsampler=karlo_256 are the networks the U-Net bridge builds for Karlo's published diffusers
+configs (kakaobrain/karlo-v1-alpha: decoder, text_proj, super_res_first/last), with the pipeline's sampler defaults;
+they compose with clip=vit_l14 and instantiate (at a tiny size here; full size in the slow tests)."""
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.helpers import compose
+from unclip_pl.convert.unet import DECODER_SAMPLE, SUPERRES_SAMPLE, decoder_net_config, superres_net_config
+
+# Karlo's configs as diffusers' conversion of the original checkpoints builds them (the rest are class defaults).
+KARLO_DECODER = dict(
+    sample_size=64, in_channels=3, out_channels=6, layers_per_block=3, block_out_channels=(320, 640, 960, 1280),
+    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=1536, class_embed_type="identity",
+    attention_head_dim=64, resnet_time_scale_shift="scale_shift")
+KARLO_TEXT_PROJ = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768, time_embed_dim=1280,
+                       cross_attention_dim=1536)
+KARLO_SUPERRES = dict(
+    sample_size=256, in_channels=6, out_channels=3, layers_per_block=3, block_out_channels=(320, 640, 960, 1280),
+    down_block_types=("ResnetDownsampleBlock2D",) * 4, up_block_types=("ResnetUpsampleBlock2D",) * 4,
+    add_attention=False)
+
+# what the stage configs add for training (memory, data corruption), not part of the network's function
+TRAINING_ONLY = {"use_checkpoint", "degradation"}
+
+
+def _plain(block) -> dict:
+    return OmegaConf.to_container(block, resolve=True)
+
+
+def _without(d, keys=TRAINING_ONLY):
+    if isinstance(d, dict):
+        return {k: _without(v) for k, v in d.items() if k not in keys}
+    return d
+
+
+def test_decoder_karlo_is_the_converted_network(tmp_path):
+    cfg = compose(["decoder=karlo", "clip=vit_l14"], tmp_path)
+    model = _plain(cfg.decoder.module.model)
+    want = decoder_net_config(KARLO_DECODER, KARLO_TEXT_PROJ)
+    assert _without(model) == _without(want)
+    assert _plain(cfg.decoder.sample) == DECODER_SAMPLE
+    assert cfg.decoder.text_source == "clip"
+
+
+def test_upsampler_karlo_256_is_the_converted_pair(tmp_path):
+    cfg = compose(["upsampler=karlo_256"], tmp_path)
+    model = _plain(cfg.upsampler.module.model)
+    want = superres_net_config(KARLO_SUPERRES, KARLO_SUPERRES, low_res_size=64)
+    assert _without(model) == _without(want)
+    assert model["unet"] == model["last_unet"]
+    assert _plain(cfg.upsampler.sample) == SUPERRES_SAMPLE
+
+
+TINY_UNET = ["model_channels=32", "channel_mult=[1,2]", "num_res_blocks=1", "use_checkpoint=false"]
+
+
+@torch.no_grad()
+def test_karlo_stages_instantiate_and_run_at_a_tiny_size(tmp_path):
+    dec_over = [f"decoder.module.model.unet.{o}" for o in TINY_UNET] + [
+        "decoder.module.model.unet.attention_resolutions=[32]", "decoder.module.model.unet.context_dim=64",
+        "decoder.module.model.unet.num_head_channels=16"]
+    cfg = compose(["decoder=karlo", "clip=vit_l14", *dec_over], tmp_path / "d")
+    dec = instantiate(cfg.decoder.module.model).eval()
+    assert dec.takes_text_emb and dec.clip_scale == 1.0 and dec.diffusion.learn_sigma
+    B, S = 2, 5
+    out = dec.unet(torch.randn(B, 3, 64, 64), torch.tensor([0, 999]), clip_emb=torch.randn(B, 768),
+                   context=torch.randn(B, S, 768), context_mask=torch.ones(B, S, dtype=torch.bool),
+                   text_emb=torch.randn(B, 768))
+    assert out.shape == (B, 6, 64, 64)
+
+    up_over = [f"upsampler.module.model.{net}.{o}" for net in ("unet", "last_unet") for o in TINY_UNET]
+    cfg = compose(["upsampler=karlo_256", *up_over, "upsampler.image_size=64", "upsampler.low_res_size=16"],
+                  tmp_path / "u")
+    up = instantiate(cfg.upsampler.module.model).eval()
+    assert up.last_unet is not None and not any(p.requires_grad for p in up.last_unet.parameters())
+    assert all(p.requires_grad for p in up.unet.parameters())
+    x = up.sample(torch.rand(1, 3, 16, 16) * 2 - 1, steps=2, sampler="ddpm", eta=0.0,
+                  generator=torch.Generator().manual_seed(0))
+    assert x.shape == (1, 3, 64, 64) and x.abs().max() <= 1
