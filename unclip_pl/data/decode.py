@@ -36,6 +36,9 @@ def _missing_key_message(need: str, member: str, sample: dict) -> str:
     have = sorted(k for k in sample if not k.startswith("__"))
     if need in ("img_emb", "txt_emb"):
         fix = "add CLIP embeddings with: " + EMBED_CMD.format(shards=url)
+    elif need == "txt":
+        fix = (f"this stage reads captions, so every sample needs a 'txt' member (img2dataset writes them when given "
+               f"--caption_col); write shards with: {MAKE_SHARDS_CMD}")
     else:
         fix = f"shards need an image (png/jpg/webp) and a 'txt' caption per sample; write them with: {MAKE_SHARDS_CMD}"
     return (f"sample {sample.get('__key__')!r} in shard {url} has no {member!r} member (needed for {need!r}; "
@@ -60,9 +63,18 @@ class DecodeSamples:
         self.image_size, self.random_crop, self.stats = image_size, random_crop, stats
         self.faults = faults if faults is not None else FaultPolicy(stats, "raise")
         self.filters = filters
+        self._read = 0  # samples read, not yet added to stats.samples_read
+
+    def _flush_read(self) -> None:
+        """Add the samples read since the last flush to ``stats.samples_read`` (shared counters cost a lock each:
+        counted in blocks, and before every fault check)."""
+        if self._read:
+            self.stats.add("samples_read", self._read)
+            self._read = 0
 
     def _missing(self, need: str, member: str, raw: dict) -> None:
         msg = _missing_key_message(need, member, raw)
+        self._flush_read()
         self.faults.bad_sample(f"no_{need}", msg, MissingKeyError(msg))
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
@@ -70,45 +82,53 @@ class DecodeSamples:
         want_image = "image" in self.needs
         want_txt = bool(self.needs & {"txt", "tokens"})
         embs = [n for n in ("img_emb", "txt_emb") if n in self.needs]
-        for raw in src:
-            self.stats.add("samples_read")
-            if self.filters is not None:
-                try:
-                    keep = self.filters(raw)
-                except MissingKeyError as e:  # no (usable) json metadata
-                    self.faults.bad_sample("no_json", str(e), e)
+        self._read = 0
+        try:
+            for raw in src:
+                self._read += 1
+                if self._read >= 64:
+                    self._flush_read()
+                if self.filters is not None:
+                    try:
+                        keep = self.filters(raw)
+                    except MissingKeyError as e:  # no (usable) json metadata
+                        self._flush_read()
+                        self.faults.bad_sample("no_json", str(e), e)
+                        continue
+                    if not keep:
+                        self.stats.add("filtered")
+                        continue
+                out = {"key": raw["__key__"]}
+                if "txt" in raw:
+                    out["txt"] = raw["txt"].decode("utf-8").strip()
+                elif want_txt:
+                    self._missing("txt", "txt", raw)
                     continue
-                if not keep:
-                    self.stats.add("filtered")
+                if want_image:  # before the embeddings: embed writes none for an image that does not decode
+                    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+                    if ext is None:
+                        self._missing("image", "png|jpg|webp", raw)
+                        continue
+                    try:
+                        out["image"] = decode_image(raw[ext], self.image_size, self.random_crop)
+                    except DECODE_ERRORS as e:
+                        skipped += 1
+                        self.stats.add("skipped_corrupt")
+                        log.warning("skipping corrupt image: shard=%s key=%s (%s: %s)", raw.get("__url__"),
+                                    raw["__key__"], type(e).__name__, e)
+                        self._flush_read()
+                        self.faults.check()
+                        continue
+                missing = next((n for n in embs if _NEED_TO_MEMBER[n] not in raw), None)
+                if missing is not None:
+                    self._missing(missing, _NEED_TO_MEMBER[missing], raw)
                     continue
-            out = {"key": raw["__key__"]}
-            if "txt" in raw:
-                out["txt"] = raw["txt"].decode("utf-8").strip()
-            elif want_txt:
-                self._missing("txt", "txt", raw)
-                continue
-            if want_image:  # before the embeddings: embed writes none for an image that does not decode
-                ext = next((e for e in IMAGE_EXTS if e in raw), None)
-                if ext is None:
-                    self._missing("image", "png|jpg|webp", raw)
-                    continue
-                try:
-                    out["image"] = decode_image(raw[ext], self.image_size, self.random_crop)
-                except DECODE_ERRORS as e:
-                    skipped += 1
-                    self.stats.add("skipped_corrupt")
-                    log.warning("skipping corrupt image: shard=%s key=%s (%s: %s)", raw.get("__url__"),
-                                raw["__key__"], type(e).__name__, e)
-                    self.faults.check()
-                    continue
-            missing = next((n for n in embs if _NEED_TO_MEMBER[n] not in raw), None)
-            if missing is not None:
-                self._missing(missing, _NEED_TO_MEMBER[missing], raw)
-                continue
-            for need in embs:
-                v = raw[_NEED_TO_MEMBER[need]]  # .npy bytes, or an array joined from an embedding folder
-                out[need] = v if isinstance(v, np.ndarray) else decode_npy(v)
-            yield out
+                for need in embs:
+                    v = raw[_NEED_TO_MEMBER[need]]  # .npy bytes, or an array joined from an embedding folder
+                    out[need] = v if isinstance(v, np.ndarray) else decode_npy(v)
+                yield out
+        finally:
+            self._flush_read()
         if skipped:
             log.warning("end of pass: skipped %d corrupt image(s) in this worker (%d in total so far)", skipped,
                         self.stats.skipped_corrupt)
