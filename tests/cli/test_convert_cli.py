@@ -156,6 +156,11 @@ def test_sample_and_init_from_on_the_converted_files(converted, tiny_clip, emoji
             assert torch.equal(ckpt["state_dict"][prefix + k], v), prefix + k
     assert int(ckpt["state_dict"]["ema.num_updates"]) == 2  # the EMA restarted at the loaded weights
 
+    # without a local CLIP file, offline: the files' CLIP (clip=vit_l14) cannot be downloaded, in one line
+    line = one_line_error(in_process("sample.py", ["mode=text", "prompt=x", "n=1", "use_prior=false",
+                                                   f"checkpoints.decoder={converted['out'] / 'decoder.pt'}"], root))
+    assert "ViT-L-14-quickgelu/openai" in line and "clip=" in line
+
     # init_from together with a checkpoint to resume: one line saying which is for what
     last = root / "logs" / "train" / "runs" / "finetune" / "checkpoints" / "last.ckpt"
     line = one_line_error(in_process("train.py", ["prior=karlo", *KARLO_PRIOR, "init_from=karlo/prior.pt",
