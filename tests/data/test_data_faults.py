@@ -170,3 +170,15 @@ def test_sample_count_of_several_ranks_follows_the_policy(ten_shards, caplog):
     with caplog.at_level(logging.WARNING):
         n = count_samples(ten_shards["tars"], skip_bad=True)
     assert 72 <= n < 80 and sum("00002.tar" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bad_shard_warned_once_counted_every_pass(ten_shards, caplog):
+    from unclip_pl.data.pipeline import TrainOrder
+
+    truncate(ten_shards["tars"][1], keep=0.01)
+    p = build_pipeline(ten_shards["tars"], needs=("image",), image_size=16, batch_size=100, on_error="skip",
+                       max_bad_fraction=0.2, order=TrainOrder(shuffle_buffer=0))
+    with caplog.at_level(logging.WARNING, logger="unclip_pl.data.stats"):
+        for _ in range(3):  # three epochs
+            assert sum(len(b["key"]) for b in p) == 72
+    assert p.stats.bad_shards == 3 and len(caplog.records) == 1 and "00001.tar" in caplog.records[0].getMessage()

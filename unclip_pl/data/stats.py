@@ -84,8 +84,9 @@ class FaultPolicy:
 
     With ``on_error="raise"`` the first bad shard or missing member raises (a corrupt image is still skipped and
     counted, as always). With ``"skip"`` a truncated or unreadable shard is skipped with one warning naming it
-    (samples already read from it are kept), a sample missing a needed member is skipped and counted per reason
-    (one warning per reason and worker, then counts only), and :class:`BadDataError` stops the run when
+    (samples already read from it are kept; counted every pass, warned once per worker), a sample missing a needed
+    member is skipped and counted per reason (one warning per reason and worker, then counts only), and
+    :class:`BadDataError` stops the run when
 
     - bad shards > ``max_bad_fraction`` x max(shards seen, ``expected_shards``), or
     - bad samples > ``max_bad_fraction`` x max(samples read, ``min_samples``),
@@ -122,7 +123,9 @@ class FaultPolicy:
             raise error
         self.stats.add("bad_shards")
         self._first.setdefault("shard", str(error))
-        log.warning("skipping unreadable shard %s (data.on_error=skip): %s", url, error)
+        if f"shard:{url}" not in self._warned:  # once per shard and process, not again every pass
+            self._warned.add(f"shard:{url}")
+            log.warning("skipping unreadable shard %s (data.on_error=skip): %s", url, error)
         self.check()
 
     def shard_done(self) -> None:
