@@ -220,6 +220,11 @@ def test_datamodule_joins_embedding_folder_by_key(i2d, tmp_path):
     assert len(b["key"]) == 23 and "000004" not in b["key"] and dm.stats["train"].skipped_no_img_emb == 1
     want = torch.tensor([float(k) for k in b["key"]])
     assert torch.equal(b["img_emb"][:, 0], want) and torch.equal(b["txt_emb"][:, 3], -want)
+    dm = ShardDataModule(i2d["tars"], None, num_workers=0, needs=("img_emb",), embeddings="folder",
+                         embedding_folder=str(folder), shuffle_buffer=0)  # on_error=raise: one line naming both
+    dm.setup("fit")
+    with pytest.raises(MissingKeyError, match=r"'000004'.*00000\.tar.*not in the embedding folder .*emb_folder"):
+        list(dm.train_dataloader())
 
 
 # ------------------------------------------------------------------------------------ real img2dataset (slow)

@@ -34,7 +34,10 @@ class MissingKeyError(KeyError):
 def _missing_key_message(need: str, member: str, sample: dict) -> str:
     url = sample.get("__url__", "?")
     have = sorted(k for k in sample if not k.startswith("__"))
-    if need in ("img_emb", "txt_emb"):
+    if need in ("img_emb", "txt_emb") and "__not_in_folder__" in sample:
+        fix = (f"its key is not in the embedding folder {sample['__not_in_folder__']} (data.embedding_folder; keys "
+               f"come from its metadata's key column)")
+    elif need in ("img_emb", "txt_emb"):
         fix = "add CLIP embeddings with: " + EMBED_CMD.format(shards=url)
     elif need == "txt":
         fix = (f"this stage reads captions, so every sample needs a 'txt' member (img2dataset writes them when given "

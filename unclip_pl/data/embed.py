@@ -149,8 +149,8 @@ def embed_shards(urls: str | Sequence[str], out_dir: str | os.PathLike, clip, ba
         urls: shard spec (see ``expand_urls``).
         clip: FrozenCLIP-like object: ``image_size``, ``tokenize(list[str]) -> (B, L)``,
             ``encode_image((B, 3, S, S) in [-1, 1]) -> (B, D)``, ``encode_text(tokens).emb -> (B, D)``.
-        device: defaults to CUDA (``cuda:LOCAL_RANK``) when available; the CLIP is moved there if it is an
-            ``nn.Module``.
+        device: defaults to CUDA (``cuda:LOCAL_RANK``, modulo the GPU count) when available; the CLIP is moved
+            there if it is an ``nn.Module``.
         mode: ``"sidecar"`` (embeddings only, same keys and order) or ``"copy"`` (all members plus embeddings).
         rank / world_size: this process embeds input shards ``rank, rank + world_size, ...`` only.
     Returns:
@@ -169,7 +169,8 @@ def embed_shards(urls: str | Sequence[str], out_dir: str | os.PathLike, clip, ba
     if not todo:
         return outs
     if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+                  if torch.cuda.is_available() else "cpu")
     if isinstance(clip, torch.nn.Module):
         clip = clip.to(device).eval()
     who = f" (process {rank} of {world_size})" if world_size > 1 else ""

@@ -79,6 +79,8 @@ class JoinEmbeddingFolder:
             if hit is not None:
                 for f in self.fields:
                     s.setdefault(f"{f}.npy", np.asarray(self.folder.array(f, hit[0])[hit[1]], np.float32))
+            else:
+                s["__not_in_folder__"] = str(self.folder.root)  # named by the decode stage's message
             yield s
 
 
