@@ -10,7 +10,8 @@
    (offline), reads on from the sample where it stopped and ends with the weights of an uninterrupted run.
 4. A sweep with a failing job: listed as failed in ``summary.json``, and the sweep exits with code 1.
 
-The Hydra submissions start together (module fixture ``submitted``) and run while the preemption tests wait.
+All jobs are submitted at the start (fixtures ``submitted`` and ``preempted``) and run at once; each test waits for
+its own and checks what it left.
 """
 
 from __future__ import annotations
@@ -145,15 +146,24 @@ def _sbatch(cluster: Cluster, folder: Path, *train_args: str) -> tuple[str, Path
     return job, folder / "logs" / "train" / "runs" / job, record
 
 
+#: How each sbatch job is told to go while it waits in its training step 2: SLURM's warning signal (what
+#: ``--signal=USR1@120`` sends before the time limit, sent at once here) and a requeue of the running job.
+SIGNALS = {"usr1": ["scancel", "--signal=USR1"], "requeue": ["scontrol", "requeue"]}
+
+
 @pytest.fixture(scope="module")
-def preemptible(slurm_cluster, submitted, shards, tmp_path_factory):
-    """Two jobs of the sbatch script that wait in training step 2 of their first attempt until signalled (at most
-    10 minutes; the cluster cancels what is left at teardown): ``{"usr1" | "requeue": (job id, run dir, record dir,
-    folder)}``. Submitted together with the Hydra submissions, so that all of them run at once."""
+def preempted(slurm_cluster, submitted, shards, tmp_path_factory):
+    """Jobs of the sbatch script, each signalled (:data:`SIGNALS`) while it waits in training step 2 of its first
+    attempt (the wait ends after 10 minutes at most): ``{name: (job id, run dir, record dir, folder)}``. Submitted
+    together with the Hydra submissions, so that all of them run at once."""
     jobs = {}
-    for name in ("usr1", "requeue"):
+    for name in SIGNALS:
         folder = tmp_path_factory.mktemp(f"sbatch_{name}")
         jobs[name] = (*_sbatch(slurm_cluster, folder, *_shard_data(shards), "+prior.module.wait_at_step=2"), folder)
+    for name, (job, _, record, folder) in jobs.items():
+        _wait_for_file(record / "waiting", slurm_cluster, job, folder / f"slurm-{job}.out")
+        sent = slurm_cluster.client(*SIGNALS[name], job)
+        assert sent.returncode == 0, sent.stderr
     return jobs
 
 
@@ -187,18 +197,14 @@ def _wandb_run_ids(run_dir: Path) -> list[str]:
             for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
 
 
-def _signal_then_check_resumed(cluster: Cluster, job_info: tuple, signal_command: list[str], reference: tuple) -> str:
-    """Signal the job mid-training with ``signal_command + [job]``; then: it ended after one requeue, started
-    again in the same run directory with SLURM_RESTART_COUNT=1 at the saved step, kept its wandb id, read on from
-    where it stopped and matches an uninterrupted run. Returns the job's output."""
+def _check_resumed(cluster: Cluster, job_info: tuple, reference: tuple) -> str:
+    """The signalled job ended after one requeue, started again in the same run directory with
+    SLURM_RESTART_COUNT=1 at the saved step, kept its wandb id, read on from where it stopped and matches an
+    uninterrupted run. Returns the job's output."""
     ref_weights, ref_keys = reference
     job, run_dir, record, folder = job_info
-    out_file = folder / f"slurm-{job}.out"
-    _wait_for_file(record / "waiting", cluster, job, out_file)
-    sent = cluster.client(*signal_command, job)
-    assert sent.returncode == 0, sent.stderr
     fields = cluster.wait_done(job, timeout=240)
-    output = out_file.read_text()
+    output = (folder / f"slurm-{job}.out").read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, output[-3000:])
     attempts = [json.loads(line) for line in (record / "attempts.jsonl").read_text().splitlines()]
     assert [(a["job"], a["restart"], a["run_dir"]) for a in attempts] == [(job, 0, str(run_dir.resolve())),
@@ -217,16 +223,15 @@ def _signal_then_check_resumed(cluster: Cluster, job_info: tuple, signal_command
     return output
 
 
-def test_sbatch_usr1_saves_requeues_and_resumes(slurm_cluster, preemptible, reference):
-    """SLURM's warning signal (``--signal=USR1@120``; sent here at once with ``scancel --signal=USR1``): the job
-    saves and requeues itself (``scontrol requeue`` from the preemption callback)."""
-    output = _signal_then_check_resumed(slurm_cluster, preemptible["usr1"], ["scancel", "--signal=USR1"], reference)
+def test_sbatch_usr1_saves_requeues_and_resumes(slurm_cluster, preempted, reference):
+    """SLURM's warning signal: the job saves and requeues itself (the preemption callback's ``scontrol requeue``)."""
+    output = _check_resumed(slurm_cluster, preempted["usr1"], reference)
     assert "Received SIGUSR1: saved" in output and "(requeueing)" in output
 
 
-def test_scontrol_requeue_saves_and_resumes(slurm_cluster, preemptible, reference):
+def test_scontrol_requeue_saves_and_resumes(slurm_cluster, preempted, reference):
     """``scontrol requeue`` of the running job (SIGTERM to its tasks, SIGKILL after KillWait): it saves first."""
-    output = _signal_then_check_resumed(slurm_cluster, preemptible["requeue"], ["scontrol", "requeue"], reference)
+    output = _check_resumed(slurm_cluster, preempted["requeue"], reference)
     assert "Received SIGTERM: saved" in output and "unless SLURM requeues the job; to resume, run:" in output
 
 
