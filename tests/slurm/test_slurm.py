@@ -282,3 +282,11 @@ def test_hydra_slurm_sweep_with_a_failing_job_exits_nonzero(submitted):
     assert "deliberate failure" in (sweep / ".submitit" / f"{job}_0" / f"{job}_0_0_log.err").read_text()
     assert "job 0 FAILED" in output and "Exiting with code 1: 1 sweep job(s) failed" in output
     assert (sweep / "1" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_cluster_is_on_loopback(slurm_cluster):
+    """The controller and both nodes listen on 127.0.0.1: no test talks to another address."""
+    nodes = slurm_cluster.client("scontrol", "show", "node", "-o").stdout.splitlines()
+    assert len(nodes) == 2 and all(" NodeAddr=127.0.0.1 " in f" {n} " for n in nodes), nodes
+    config = slurm_cluster.client("scontrol", "show", "config").stdout
+    assert re.search(r"^SlurmctldHost\[0\]\s*=\s*\S+\(127\.0\.0\.1\)$", config, re.M), config[:2000]
