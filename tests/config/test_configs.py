@@ -44,6 +44,8 @@ def test_every_group_option_composes(group, tmp_path):
             overrides.append("prior=diffusion")
         if (group, name) == ("data", "shards"):
             overrides += ["data.train_urls=/shards/train-000.tar", "data.val_urls=/shards/val-000.tar"]
+        if (group, name) == ("data", "embeddings"):
+            overrides += ["data.embedding_folder=/laion/emb"]
         cfg = compose(overrides, tmp_path)
         check_config(cfg)
 
