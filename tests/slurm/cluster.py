@@ -28,8 +28,14 @@ class ClusterError(RuntimeError):
     """The cluster could not be started (the message is one line: what failed, and the log line that says why)."""
 
 
+def search_path() -> str:
+    """``PATH`` with the system folders of the daemons added (a user's ``PATH`` often lacks ``/usr/sbin``)."""
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(parts + [d for d in ("/usr/sbin", "/sbin") if d not in parts])
+
+
 def missing_programs() -> list[str]:
-    return [p for p in PROGRAMS if shutil.which(p) is None]
+    return [p for p in PROGRAMS if shutil.which(p, path=search_path()) is None]
 
 
 def free_port() -> int:
@@ -39,7 +45,8 @@ def free_port() -> int:
 
 
 def slurm_version() -> str:
-    out = subprocess.run(["slurmd", "-V"], capture_output=True, text=True, timeout=10)
+    out = subprocess.run([shutil.which("slurmd", path=search_path()), "-V"], capture_output=True, text=True,
+                         timeout=10)
     return out.stdout.strip() or out.stderr.strip()
 
 
@@ -100,7 +107,7 @@ class Cluster:
         self.conf = root / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-        env.update(SLURM_CONF=str(self.conf), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        env.update(SLURM_CONF=str(self.conf), PATH=f"{Path(sys.executable).parent}{os.pathsep}{search_path()}")
         self.env = env
         self.version = slurm_version()
 
