@@ -314,7 +314,7 @@ def build_on_meta(net_config: dict, state_dict: dict) -> torch.nn.Module:
 def test_full_size_karlo_decoder_converts_and_runs():
     """Karlo's decoder at full size (885M-parameter U-Net + text projection, float32): convert both ways and one
     forward at 64px with a 77-token caption, against diffusers. Measured on the 2-core dev machine: peak RSS
-    5.1 GiB, max abs diff 1.1e-6, about 4 minutes under load."""
+    5.1 GiB, max abs diff 1.1e-6."""
     from tests.config.test_karlo_unet_configs import KARLO_DECODER, KARLO_TEXT_PROJ
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**KARLO_DECODER).eval()
