@@ -266,6 +266,16 @@ def launched(stages, inputs, emoji_root, tmp_path_factory):
                                    f"checkpoints.prior={stages['prior_ar']}",
                                    f"checkpoints.decoder={stages['decoder']}", "settings.prior.temperature=0.8"],
                                   tmp_path_factory.mktemp("ar_sample_root"))
+        # an AR prior checkpoint through eval.py and sample.py mode=conditioning (each in a root of its own)
+        cmds["eval_ar"] = Command([script("eval.py"), f"checkpoints.prior={stages['prior_ar']}",
+                                   f"checkpoints.decoder={stages['decoder']}", *emoji_overrides(emoji_root),
+                                   "splits=[val]", "variants=[prior,no_prior]", "max_samples.val=4", "batch_size=4",
+                                   "diversity.captions=2", "diversity.samples=2"], tmp_path_factory.mktemp("ar_eval"))
+        cmds["conditioning_ar"] = Command([script("sample.py"), "mode=conditioning",
+                                           'prompt=["grinning face","red heart"]', "settings.prior.top_k=4",
+                                           f"checkpoints.prior={stages['prior_ar']}",
+                                           f"checkpoints.decoder={stages['decoder']}"],
+                                          tmp_path_factory.mktemp("ar_conditioning"))
         # README: one stage of the emoji cascade as its experiment, with another time budget
         start("experiment", [script("train.py"), "experiment=emoji_cascade/prior", "trainer.max_time=00:00:15:00",
                              *emoji_overrides(emoji_root), *tiny_clip_overrides(), *tiny_stage_overrides("prior"),
