@@ -82,3 +82,38 @@ def test_karlo_stages_instantiate_and_run_at_a_tiny_size(tmp_path):
     x = up.sample(torch.rand(1, 3, 16, 16) * 2 - 1, steps=2, sampler="ddpm", eta=0.0,
                   generator=torch.Generator().manual_seed(0))
     assert x.shape == (1, 3, 64, 64) and x.abs().max() <= 1
+
+
+def test_decoder_karlo_trains_and_samples_through_its_module(tmp_path):
+    """DecoderModule gives a Karlo-layout decoder CLIP's text embedding and the empty caption's encoding (as the
+    dropped caption in training, and as the unconditional branch of the validation grid's guidance)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from unclip_pl.clip.frozen import FrozenCLIP
+    from unclip_pl.clip.small import build_small_clip
+
+    width = 32
+    clip = FrozenCLIP(build_small_clip(embed_dim=width, vision_cfg={"width": 32, "layers": 1, "head_width": 16},
+                                       text_cfg={"width": width, "layers": 1, "heads": 2, "context_length": 16}))
+    over = [f"decoder.module.model.unet.{o}" for o in TINY_UNET] + [
+        "decoder.module.model.unet.attention_resolutions=[32]", "decoder.module.model.unet.context_dim=64",
+        "decoder.module.model.unet.num_head_channels=16", "decoder.image_size=32", f"clip.embed_dim={width}",
+        f"clip.text_width={width}", "clip.context_length=16", "decoder.module.num_grid_items=2",
+        "decoder.module.channels_last=false", "decoder.sample.steps=2"]
+    cfg = compose(["decoder=karlo", *over], tmp_path)
+    module = instantiate(cfg.decoder.module, clip=clip)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(4, 16, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:4], tokens[:, 4] = 49406, torch.randint(1, 49000, (4, 3), generator=g), 49407
+    data = [{"image": torch.rand(3, 32, 32, generator=g) * 2 - 1, "img_emb": torch.randn(width, generator=g),
+             "tokens": tokens[i]} for i in range(4)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, val_check_interval=2,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    loader = DataLoader(data, batch_size=2)
+    trainer.fit(module, loader, loader)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    text = module._text(tokens[:2])
+    assert set(text) == {"text", "text_emb", "uncond_text"} and text["uncond_text"][1].sum() == 2  # start, end
+    assert module.sample_grid_items().shape == (2, 3, 32, 32)

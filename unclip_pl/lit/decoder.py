@@ -64,14 +64,20 @@ class DecoderModule(ImageStageMixin, StageModule):
     # ------------------------------------------------------------------ inputs
 
     def _text(self, tokens: torch.Tensor) -> dict[str, Any]:
-        """kwargs for Decoder.loss/sample: ``tokens=`` for the own encoder, ``text=(states, mask)`` for CLIP."""
+        """kwargs for Decoder.loss/sample: ``tokens=`` for the own encoder, ``text=(states, mask)`` for CLIP (and,
+        for a decoder that takes it, ``text_emb`` and the empty caption's encoding as ``uncond_text``)."""
         if self.text_source == "own":
             return {"tokens": tokens}
         if self.clip is None:
             raise RuntimeError("text_source='clip' needs the frozen CLIP (clip=...)")
         with torch.no_grad():
             enc = self.clip.encode_text(tokens)
-        return {"text": (enc.tokens.float(), enc.mask)}
+            out = {"text": (enc.tokens.float(), enc.mask)}
+            if getattr(self.model, "takes_text_emb", False):  # Karlo's decoder: CLIP's text embedding, and the
+                empty = self.clip.encode_text(self.clip.tokenize([""]).to(tokens.device))  # empty caption as
+                out.update(text_emb=enc.emb.float(),                                    # the dropped caption
+                           uncond_text=(empty.tokens.float(), empty.mask, empty.emb.float()))
+        return out
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
