@@ -53,10 +53,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def val_batches(clip, root: str, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def val_batches(clip, root: str, batch_size: int, limit: int | None = None,
+                val_fraction: float = 0.07) -> list[dict[str, torch.Tensor]]:
     """The whole emoji val split with its CLIP embeddings, as (tokens, img_emb, txt_emb) batches in shard order."""
-    dm = EmojiDataModule(root=root, batch_size=batch_size, num_workers=0, needs=NEEDS,
-                         tokenizer=clip.loader_tokenizer, clip=clip, persistent_workers=False)
+    dm = EmojiDataModule(root=root, limit=limit, val_fraction=val_fraction, batch_size=batch_size, num_workers=0,
+                         needs=NEEDS, tokenizer=clip.loader_tokenizer, clip=clip, persistent_workers=False)
     dm.prepare_data()
     dm.setup("validate")
     return [{k: b[k] for k in NEEDS} for b in dm.val_dataloader()]
@@ -96,6 +97,8 @@ def measure(path: Path, batches, clip, speed_batches: int) -> dict:
     pred, img, txt = torch.cat(preds), torch.cat(imgs), torch.cat(txts)
     out["val"] = {"n": int(img.shape[0]), "pool_size": int(torch.unique(img, dim=0).shape[0]),
                   **prior_metrics(pred, img, txt)}
+    if is_ar:  # what the codes can express at best: z_i through the codec and back
+        out["val"]["codec_cosine"] = float(model.codec.reconstruction(img)["cosine"])
 
     def rate(**extra) -> float:
         n, t0 = 0, time.perf_counter()
@@ -138,6 +141,7 @@ def table(res: dict) -> str:
         (f"val cos(predicted z_i, true z_i) (n = {d['val']['n']})", fmt(d["val"]["cos_pred_true"]),
          fmt(a["val"]["cos_pred_true"])),
         ("val baseline cos(z_t, z_i)", fmt(d["val"]["cos_text_true"]), fmt(a["val"]["cos_text_true"])),
+        ("val cos(z_i, z_i through the PCA codec) (the AR prior's ceiling)", "-", fmt(a["val"].get("codec_cosine"))),
         ("val cos(predicted z_i, another caption's z_i)", fmt(d["val"]["cos_pred_other"]),
          fmt(a["val"]["cos_pred_other"])),
         (f"val image retrieval top-1 / top-5, predicted z_i as query (pool {d['val']['pool_size']})",
@@ -176,6 +180,8 @@ def main() -> None:
         p.add_argument(f"--{name}", type=Path, required=True, help=f"the {name} prior's checkpoint")
         p.add_argument(f"--eval-{name}", type=Path, default=None, help="eval.py run directory of that prior")
     p.add_argument("--data-root", default=str(ROOT / "data" / "emoji"))
+    p.add_argument("--data-limit", type=int, default=None, help="data.limit of the runs (default: all emoji)")
+    p.add_argument("--val-fraction", type=float, default=0.07, help="data.val_fraction of the runs")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--speed-batches", type=int, default=2, help="val batches timed for the sampling speed")
     p.add_argument("--threads", type=int, default=1)
@@ -186,7 +192,7 @@ def main() -> None:
 
     first = load_stage(args.diffusion, which="ema", stage="prior")
     clip = load_pipeline_clip(None, decoder=first)
-    batches = val_batches(clip, args.data_root, args.batch_size)
+    batches = val_batches(clip, args.data_root, args.batch_size, args.data_limit, args.val_fraction)
     res = {"device": f"CPU {cpu_name()}", "torch": torch.__version__, "threads": torch.get_num_threads(),
            "clip": clip.fingerprint}
     for name in PRIORS:

@@ -61,14 +61,16 @@ done
 wait
 t4=$(stamp)
 
-# 4. Generated images through the same decoder, val split (219 images, all distinct captions), the prior variant
-#    only, scored by the conditioning CLIP and by the judge; one core each, side by side.
+# 4. Generated images through the same decoder: the same seeded random 96 of the 219 val images (their distinct
+#    captions are the retrieval pool), the prior variant only, DPM-Solver++ 10 steps, scored by the conditioning
+#    CLIP and by the judge; one core each, side by side.
 D=$RUNS/decoder/checkpoints/last.ckpt
+EVAL_N=${EVAL_N:-96}
 for p in diffusion ar; do
   on_core "$([ $p = diffusion ] && echo 0 || echo 1)" "$LOGS/eval_$p.log" python eval.py \
     checkpoints.prior=$RUNS/$p/checkpoints/last.ckpt checkpoints.decoder=$D "variants=[prior]" "splits=[val]" \
-    settings.decoder.sampler=dpmpp_2m settings.decoder.steps=20 upsample=false judge="$JUDGE" batch_size=48 \
-    diversity.captions=4 hydra.run.dir="$LOGS/eval_$p"
+    max_samples.val="$EVAL_N" settings.decoder.sampler=dpmpp_2m settings.decoder.steps=10 upsample=false \
+    judge="$JUDGE" batch_size=48 diversity.captions=4 hydra.run.dir="$LOGS/eval_$p"
 done
 wait
 t5=$(stamp)
@@ -84,7 +86,7 @@ done
 for p in diffusion ar; do
   on_core "$([ $p = diffusion ] && echo 0 || echo 1)" "$LOGS/conditioning_$p.log" python sample.py \
     mode=conditioning checkpoints.prior=$RUNS/$p/checkpoints/last.ckpt checkpoints.decoder=$D \
-    settings.decoder.sampler=dpmpp_2m settings.decoder.steps=20 'prompt=[grinning face,red heart,pizza,sun]' \
+    settings.decoder.sampler=dpmpp_2m settings.decoder.steps=10 'prompt=[grinning face,red heart,pizza,sun]' \
     hydra.run.dir="$LOGS/conditioning_$p"
 done
 wait
