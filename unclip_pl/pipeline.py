@@ -318,7 +318,8 @@ class UnCLIPPipeline:
                              "eta=...): set them in the decoder's sample: block or as overrides")
         x0 = resize_images(image, int(self.decoder.image_size))
         text = self._caption_states([caption])
-        x_T = self.decoder.invert(x0, z[:1], text=text, steps=s.invert_steps, guidance_scale=s.guidance_scale)
+        x_T = self.decoder.invert(x0, z[:1], text=text, steps=s.invert_steps, guidance_scale=s.guidance_scale,
+                                  **self._pooled_text([caption]))
         return self.decode(z, captions, seeds, x_T=x_T.expand(n, -1, -1, -1), sampler="ddim", steps=s.invert_steps,
                            guidance_scale=s.guidance_scale, eta=s.variation_eta if eta is None else eta)
 
