@@ -6,8 +6,8 @@ import logging
 import shutil
 
 import pytest
-
 from data_testutils import make_samples
+
 from unclip_pl.data.datamodule import ShardDataModule
 from unclip_pl.data.decode import MissingKeyError
 from unclip_pl.data.pipeline import build_pipeline

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from data_testutils import make_samples
+
 from unclip_pl.data import embed as embed_mod
 from unclip_pl.data.datamodule import ShardDataModule
 from unclip_pl.data.embed import embed_shards

@@ -7,8 +7,17 @@ import json
 import numpy as np
 from PIL import Image
 
-from unclip_pl.data.emoji import (FORMAT_VERSION, MAX_VAL_FAMILY, EmojiDataModule, caption_from_name, codepoints,
-                                  family_key, match_twemoji, prepare_emoji, split_codepoints)
+from unclip_pl.data.emoji import (
+    FORMAT_VERSION,
+    MAX_VAL_FAMILY,
+    EmojiDataModule,
+    caption_from_name,
+    codepoints,
+    family_key,
+    match_twemoji,
+    prepare_emoji,
+    split_codepoints,
+)
 from unclip_pl.data.tar_reader import iter_tar
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-
 from data_testutils import png_bytes, random_image
+
 from unclip_pl.data.make_shards import main, make_shards
 from unclip_pl.data.pipeline import build_pipeline
 from unclip_pl.data.tar_reader import count_samples, iter_tar

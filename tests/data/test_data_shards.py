@@ -7,13 +7,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-
 from data_testutils import make_samples, random_image
+
 from unclip_pl.data.pipeline import TrainOrder, batches_per_worker, build_pipeline
 from unclip_pl.data.tar_reader import count_samples, iter_tar
+from unclip_pl.data.transforms import tensor_to_uint8
 from unclip_pl.data.urls import expand_urls
 from unclip_pl.data.writer import ShardWriter, write_shards
-from unclip_pl.data.transforms import tensor_to_uint8
 
 
 def _keys(pipeline) -> list[str]:

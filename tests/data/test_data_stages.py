@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-
 from data_testutils import make_samples
-from unclip_pl.data.pipeline import (EpochCap, MapBatches, RepeatedShardList, ShuffleBuffer, TrainOrder,
-                                     build_pipeline)
+
+from unclip_pl.data.pipeline import EpochCap, MapBatches, RepeatedShardList, ShuffleBuffer, TrainOrder, build_pipeline
 from unclip_pl.data.tar_reader import ShardError, iter_tar
 from unclip_pl.data.writer import ShardWriter, write_shards
 

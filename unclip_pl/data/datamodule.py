@@ -5,8 +5,8 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import pytorch_lightning as pl
 import torch

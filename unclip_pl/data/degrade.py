@@ -13,7 +13,7 @@ with ``_partial_: true``:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

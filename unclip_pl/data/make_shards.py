@@ -16,8 +16,8 @@ import io
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 from tqdm.auto import tqdm

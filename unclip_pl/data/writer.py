@@ -7,7 +7,7 @@ tar headers and padding, so a shard never exceeds it.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
