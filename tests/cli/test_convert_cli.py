@@ -19,8 +19,16 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (pi
 
 D, CTX, C = 24, 48, 32  # CLIP embedding = text width (as Karlo's 768), decoder context width, base channels
 MODELS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
-#: the prior of the tiny pipeline, as overrides of conf/prior/karlo.yaml
+#: the stages of the tiny pipeline, as overrides of conf/prior/karlo.yaml, conf/decoder/karlo.yaml and
+#: conf/upsampler/karlo_256.yaml
 KARLO_PRIOR = ["prior.module.model.net.dim=24", "prior.module.model.net.depth=1", "prior.module.model.net.heads=2"]
+_U = "decoder.module.model.unet"
+KARLO_DECODER = ["decoder.image_size=16", f"{_U}.model_channels={C}", f"{_U}.channel_mult=[1,2]",
+                 f"{_U}.num_res_blocks=1", f"{_U}.attention_resolutions=[8]", f"{_U}.num_head_channels=16",
+                 f"{_U}.context_dim={CTX}", "decoder.module.num_grid_items=0"]
+KARLO_UPSAMPLER = ["upsampler.image_size=32", "upsampler.low_res_size=16", "upsampler.module.num_grid_items=0",
+                   *(f"upsampler.module.model.{net}.{kv}" for net in ("unet", "last_unet")
+                     for kv in (f"model_channels={C}", "channel_mult=[1,2]", "num_res_blocks=1"))]
 
 
 def save_tiny_pipeline(folder: Path, seed: int = 0) -> None:
@@ -28,14 +36,14 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> None:
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
     torch.manual_seed(seed)
-    unet = dict(block_out_channels=(C, 2 * C), layers_per_block=1, resnet_time_scale_shift="scale_shift")
+    unet = dict(block_out_channels=(C, 2 * C), layers_per_block=1)
     comps = {
         "prior": diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=12, num_layers=1,
                                             embedding_dim=D, num_embeddings=77, additional_embeddings=4),
         "text_proj": UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=D, time_embed_dim=4 * C,
                                          cross_attention_dim=CTX),
         "decoder": diffusers.UNet2DConditionModel(
-            sample_size=16, in_channels=3, out_channels=6, **unet,
+            sample_size=16, in_channels=3, out_channels=6, **unet, resnet_time_scale_shift="scale_shift",
             down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
             up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
             mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=16, cross_attention_dim=CTX,
@@ -137,6 +145,12 @@ def test_sample_and_init_from_on_the_converted_files(converted, tiny_clip, emoji
     train = Command([script("train.py"), "prior=karlo", *KARLO_PRIOR, "init_from=karlo/prior.pt", *clip_args,
                      *emoji_overrides(emoji_root), "prior.module.optimizer.lr=0.0", "prior.module.warmup_steps=0",
                      "prior.sample.steps=2", "trainer.max_steps=2", "run_name=finetune"], root)
+    stages = {stage: Command([script("train.py"), f"{stage}={option}", *overrides, f"init_from=karlo/{file}",
+                              *clip_args, *emoji_overrides(emoji_root), f"{stage}.module.optimizer.lr=0.0",
+                              f"{stage}.module.warmup_steps=0", f"{stage}.sample.steps=2", "trainer.max_steps=1",
+                              f"run_name={stage}_finetune"], root)
+              for stage, option, overrides, file in (("decoder", "karlo", KARLO_DECODER, "decoder.pt"),
+                                                     ("upsampler", "karlo_256", KARLO_UPSAMPLER, "upsampler_32.pt"))}
     sample.wait().check()
     from PIL import Image
 
@@ -155,6 +169,15 @@ def test_sample_and_init_from_on_the_converted_files(converted, tiny_clip, emoji
         for k, v in init.items():
             assert torch.equal(ckpt["state_dict"][prefix + k], v), prefix + k
     assert int(ckpt["state_dict"]["ema.num_updates"]) == 2  # the EMA restarted at the loaded weights
+    # README: train.py decoder=karlo / upsampler=karlo_256 init_from=... (one step each)
+    for stage, cmd in stages.items():
+        assert "init_from: loaded" in cmd.wait().check().stdout + cmd.wait().stderr, stage
+        ckpt = read_checkpoint(root / "logs" / "train" / "runs" / f"{stage}_finetune" / "checkpoints" / "last.ckpt")
+        _, init, _ = resolve_checkpoint(read_checkpoint(converted["out"] / f"{stage}.pt" if stage == "decoder"
+                                                        else converted["out"] / "upsampler_32.pt"))
+        for k, v in init.items():
+            assert torch.equal(ckpt["state_dict"]["model." + k], v), f"{stage} model.{k}"
+            assert torch.equal(ckpt["state_dict"]["ema.module." + k], v), f"{stage} ema.module.{k}"
 
     # without a local CLIP file, offline: the files' CLIP (clip=vit_l14) cannot be downloaded, in one line
     line = one_line_error(in_process("sample.py", ["mode=text", "prompt=x", "n=1", "use_prior=false",
