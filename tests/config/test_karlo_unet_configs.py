@@ -109,8 +109,8 @@ def test_decoder_karlo_trains_and_samples_through_its_module(tmp_path):
     data = [{"image": torch.rand(3, 32, 32, generator=g) * 2 - 1, "img_emb": torch.randn(width, generator=g),
              "tokens": tokens[i]} for i in range(4)]
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, val_check_interval=2,
-                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         num_sanity_val_steps=0, logger=False, default_root_dir=tmp_path, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     loader = DataLoader(data, batch_size=2)
     trainer.fit(module, loader, loader)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
