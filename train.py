@@ -8,7 +8,7 @@ os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from unclip_pl.train import ConfigError, run  # noqa: E402
+from unclip_pl.train import DATA_ERRORS, ConfigError, data_error_line, run  # noqa: E402
 from unclip_pl.utils.cli import exit_on_unknown_override  # noqa: E402
 from unclip_pl.utils.task import job_wrapper, metric_value  # noqa: E402
 
@@ -20,6 +20,9 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run(cfg)
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except DATA_ERRORS as e:  # bad shards or samples (also raised in a loader worker): one line, not a traceback
+        print(f"Data error: {data_error_line(e)}", file=sys.stderr)
         sys.exit(2)
     return metric_value(metrics, cfg.optimized_metric)
 

@@ -32,14 +32,33 @@ from unclip_pl.checkpoint import (
     verify_checkpoint,
 )
 from unclip_pl.data.datamodule import DEFAULT_BATCH_SIZE
+from unclip_pl.data.decode import MissingKeyError
+from unclip_pl.data.embedding_folder import EmbeddingFolderError
+from unclip_pl.data.stats import BadDataError
+from unclip_pl.data.tar_reader import ShardError
 from unclip_pl.utils.config import ConfigError, build, build_accepting, check_config
 from unclip_pl.utils.gitinfo import git_commit
 from unclip_pl.utils.runid import persistent_run_id
 from unclip_pl.utils.scaling import apply_lr_scaling
 
-__all__ = ["ConfigError", "check_config", "fit", "run", "selected_stage"]
+__all__ = ["DATA_ERRORS", "ConfigError", "check_config", "data_error_line", "fit", "run", "selected_stage"]
 
 log = logging.getLogger(__name__)
+
+#: Errors of bad training data (unreadable shards, missing members, too many bad samples, a broken embedding
+#: folder): ``train.py`` prints them as one ``Data error:`` line and exits with status 2.
+DATA_ERRORS = (ShardError, MissingKeyError, BadDataError, EmbeddingFolderError)
+
+
+def data_error_line(e: BaseException) -> str:
+    """The message of a data error as one line, also when a DataLoader worker raised it: PyTorch re-raises it in the
+    main process as the same type with "Caught X in DataLoader worker process N. Original Traceback ..." around the
+    original message, which is the traceback's last line (``module.Class: message``)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if f"{type(e).__name__}: " in last else last
+    return " ".join(text.split())
 
 
 # ---------------------------------------------------------------------------------------------------- selection
