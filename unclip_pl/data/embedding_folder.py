@@ -683,9 +683,10 @@ class EmbeddingDataModule(pl.LightningDataModule):
         if steps == 0:
             raise ConfigError(f"{folder.root}: the train split has {self.train_dataset.total} rows, fewer than one "
                               f"global batch ({self.batch_size} x {world} ranks): lower data.batch_size")
-        log.info("embedding folder %s: %d rows in %d files, D=%d; %s; %d ranks x batch %d: %d steps per pass "
-                 "(%d rows left out per pass)", folder.root, folder.num_rows, len(folder.files), folder.dim, how,
-                 world, self.batch_size, steps, self.train_dataset.total - steps * self.train_dataset.global_batch)
+        if rank == 0:
+            log.info("embedding folder %s: %d rows in %d files, D=%d; %s; %d ranks x batch %d: %d steps per pass "
+                     "(%d rows left out per pass)", folder.root, folder.num_rows, len(folder.files), folder.dim, how,
+                     world, self.batch_size, steps, self.train_dataset.total - steps * self.train_dataset.global_batch)
 
     def _loader(self, dataset, before_iter=None) -> DataLoader:
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
