@@ -179,6 +179,16 @@ def test_sample_and_init_from_on_the_converted_files(converted, tiny_clip, emoji
             assert torch.equal(ckpt["state_dict"]["model." + k], v), f"{stage} model.{k}"
             assert torch.equal(ckpt["state_dict"]["ema.module." + k], v), f"{stage} ema.module.{k}"
 
+    # README: the fine-tuned runs' checkpoints back to diffusers (at lr 0 still exactly the original components)
+    runs = root / "logs" / "train" / "runs"
+    done = Command(["-m", "unclip_pl.convert", "to-diffusers", "karlo", "back_ft",
+                    "--prior", runs / "finetune" / "checkpoints" / "last.ckpt",
+                    "--decoder", runs / "decoder_finetune" / "checkpoints" / "last.ckpt",
+                    "--upsampler", runs / "upsampler_finetune" / "checkpoints" / "last.ckpt"], root).wait().check()
+    for sub in MODELS:
+        want, got = _weights(converted["pipe"], sub), _weights(root / "back_ft", sub)
+        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), sub
+
     # without a local CLIP file, offline: the files' CLIP (clip=vit_l14) cannot be downloaded, in one line
     line = one_line_error(in_process("sample.py", ["mode=text", "prompt=x", "n=1", "use_prior=false",
                                                    f"checkpoints.decoder={converted['out'] / 'decoder.pt'}"], root))

@@ -1,7 +1,7 @@
 """``python -m unclip_pl.convert``: diffusers' unCLIP pipeline folder (Karlo) <-> one project weights file per stage.
 
     python -m unclip_pl.convert from-diffusers PIPELINE_DIR OUT_DIR [--clip-checkpoint FILE]
-    python -m unclip_pl.convert to-diffusers IN_DIR OUT_DIR
+    python -m unclip_pl.convert to-diffusers IN_DIR OUT_DIR [--prior|--decoder|--upsampler FILE]
 
 ``from-diffusers`` reads an ``UnCLIPPipeline.save_pretrained`` folder component by component (``prior``,
 ``text_proj``, ``decoder``, ``super_res_first``, ``super_res_last`` and the three schedulers' configs; the CLIP text
@@ -11,7 +11,8 @@ block: the sampler settings the pipeline used), and ``sample_settings.yaml`` wit
 files store the CLIP preset ``clip=vit_l14`` (Karlo's CLIP), with ``--clip-checkpoint`` as its local weights file.
 
 ``to-diffusers`` writes those files back as the pipeline's component folders (``save_pretrained`` of each
-component and scheduler) in ``OUT_DIR``; the tokenizer and CLIP encoders of the original pipeline are not part of it.
+component and scheduler) in ``OUT_DIR``, a stage's file replaced by ``--<stage> FILE`` (a fine-tuned run's ``.ckpt``
+or an export); the tokenizer and CLIP encoders of the original pipeline are not part of it.
 Bad input is one line on stderr and exit status 2.
 """
 
@@ -201,8 +202,11 @@ def from_diffusers(pipeline_dir: str | Path, out_dir: str | Path, clip_checkpoin
     return written
 
 
-def to_diffusers(in_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write the stage files of ``in_dir`` (as ``from-diffusers`` names them) back as diffusers component folders."""
+def to_diffusers(in_dir: str | Path, out_dir: str | Path, files: dict[str, str | Path | None] | None = None
+                 ) -> list[Path]:
+    """Write the stage files of ``in_dir`` (as ``from-diffusers`` names them) back as diffusers component folders.
+    ``files``: ``{"prior" | "decoder" | "upsampler": path}`` replacing a stage's file, e.g. a fine-tuned ``.ckpt``
+    (its EMA weights)."""
     from unclip_pl.checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
     from unclip_pl.convert import prior as prior_bridge
     from unclip_pl.convert import unet as unet_bridge
@@ -214,7 +218,8 @@ def to_diffusers(in_dir: str | Path, out_dir: str | Path) -> list[Path]:
     if not src.is_dir():
         raise ConvertError(f"{src}: not a folder (expected the OUT_DIR of from-diffusers)")
     ups = sorted(src.glob("upsampler_*.pt"))
-    files = {"prior": src / "prior.pt", "decoder": src / "decoder.pt", "upsampler": ups[0] if ups else None}
+    files = {"prior": src / "prior.pt", "decoder": src / "decoder.pt", "upsampler": ups[0] if ups else None,
+             **{k: Path(v) for k, v in (files or {}).items() if v is not None}}
     missing = [f"{k}.pt" if k != "upsampler" else "upsampler_<size>.pt" for k, p in files.items()
                if p is None or not p.is_file()]
     if missing:
@@ -284,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("to-diffusers", help="IN_DIR of from-diffusers -> diffusers component folders in OUT_DIR")
     b.add_argument("in_dir")
     b.add_argument("out_dir")
+    for stage in ("prior", "decoder", "upsampler"):
+        b.add_argument(f"--{stage}", default=None, help=f"the {stage}'s weights instead of IN_DIR's: e.g. a fine-tuned "
+                                                         "run's .ckpt (its EMA weights) or an exported file")
     args = parser.parse_args(argv)
     try:
         if args.command == "from-diffusers":
@@ -292,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path}")
             print(f"wrote {Path(args.out_dir) / 'sample_settings.yaml'}")
         else:
-            for path in to_diffusers(args.in_dir, args.out_dir):
+            replace = {"prior": args.prior, "decoder": args.decoder, "upsampler": args.upsampler}
+            for path in to_diffusers(args.in_dir, args.out_dir, replace):
                 print(f"wrote {path}")
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
