@@ -83,10 +83,14 @@ class ResBlock(nn.Module):
     the skip are 2x2-average-pooled or nearest-upsampled; the block is then the level's resampler).
     ``scale_shift=False``: the projected embedding is added before the second norm instead
     (``out = skip(x) + conv(drop(act(norm(h + e))))``). ``groups`` / ``eps``: the two GroupNorms' settings.
+    ``context_dim``: the block cross-attends from its first conv's output to the context tokens (B, S, context_dim)
+    before the timestep modulation (:class:`ContextCrossAttention`, DALLE2-pytorch's residual-block layout); then
+    ``forward(x, emb, context, context_mask)``. None (default): no such layer.
     """
 
     def __init__(self, in_ch: int, emb_ch: int, out_ch: int, dropout: float = 0.0, use_checkpoint: bool = False,
-                 *, updown: str = "none", scale_shift: bool = True, groups: int = 32, eps: float = 1e-5):
+                 *, updown: str = "none", scale_shift: bool = True, groups: int = 32, eps: float = 1e-5,
+                 context_dim: int | None = None, num_head_channels: int = 64):
         super().__init__()
         if updown not in ("none", "up", "down"):
             raise ValueError(f"updown must be 'none', 'up' or 'down', got {updown!r}")
@@ -100,19 +104,28 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        if context_dim is not None and updown != "none":
+            raise ValueError("a resampling residual block has no context cross-attention")
+        self.cross_attn = (ContextCrossAttention(out_ch, context_dim, min(num_head_channels, out_ch), groups)
+                           if context_dim is not None else None)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.updown == "down":
             return F.avg_pool2d(x, kernel_size=2, stride=2)
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.updown == "none":
             h = self.in_layers(x)
         else:
             h = self._resample(self.in_layers[1](self.in_layers[0](x)))
             x = self._resample(x)
             h = self.in_layers[2](h)
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this residual block cross-attends to the context tokens: pass context (B, S, C)")
+            h = self.cross_attn(h, context, context_mask)
         e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
@@ -121,10 +134,48 @@ class ResBlock(nn.Module):
             h = self.out_norm(h + e)
         return self.skip(x) + self.out_layers(h)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+            return checkpoint(self._forward, x, emb, context, context_mask, use_reentrant=False)
+        return self._forward(x, emb, context, context_mask)
+
+
+class ContextCrossAttention(nn.Module):
+    """Cross-attention from the H*W positions to the context tokens only (DALLE2-pytorch puts one in each residual
+    block below the first level); residual, output projection zero-initialised.
+
+    x: (B, C, H, W); context: (B, S, Cctx); context_mask: (B, S) bool (True = attend) or None -> (B, C, H, W).
+    A row whose mask is all False attends to nothing (its output is x unchanged).
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_head_channels: int = 64, groups: int = 32):
+        super().__init__()
+        if channels % num_head_channels:
+            raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+        self.num_heads = channels // num_head_channels
+        self.norm = GroupNorm32(channels, groups)
+        self.q = nn.Linear(channels, channels)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
+        B, C, H, W = x.shape
+        nh, S = self.num_heads, context.shape[1]
+        q = self.q(self.norm(x).flatten(2).transpose(1, 2)).view(B, H * W, nh, C // nh).transpose(1, 2)
+        ctx = self.context_norm(context.to(q.dtype))
+        k, v = self.kv(ctx).view(B, S, 2, nh, C // nh).permute(2, 0, 3, 1, 4)     # each (B, nh, S, dh)
+        mask = keep = None
+        if context_mask is not None:
+            m = context_mask.to(torch.bool)
+            keep = m.any(dim=1)                                                   # (B,)
+            mask = (m | ~keep[:, None])[:, None, None, :]                         # (B, 1, 1, S), no empty rows
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (B, nh, HW, dh)
+        out = self.proj_out(out.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
+        if keep is not None:
+            out = out * keep[:, None, None, None].to(out.dtype)
+        return x + out.to(x.dtype)
 
 
 class AttentionBlock(nn.Module):
@@ -179,7 +230,11 @@ class Block(nn.Module):
         self.attn = attn
 
     def forward(self, h, emb, context, context_mask):
-        h = self.layer(h, emb) if isinstance(self.layer, ResBlock) else self.layer(h)
+        if isinstance(self.layer, ResBlock):
+            h = (self.layer(h, emb, context, context_mask) if self.layer.cross_attn is not None
+                 else self.layer(h, emb))
+        else:
+            h = self.layer(h)
         if self.attn is not None:
             h = self.attn(h, context, context_mask)
         return h
@@ -239,6 +294,10 @@ class UNet(nn.Module):
         text_emb_dim: width of a pooled caption embedding ``text_emb`` (B, Dt) (e.g. CLIP's text embedding) that
             is projected (``text_to_time``) and added to the time embedding; None: no such input.
         low_res_mode: how ``low_res`` is resized to x's size: "bilinear", or "bicubic" (antialiased).
+        resblock_cross_attn: every residual block below the first level (encoder and decoder side, and the middle
+            block's; not the resamplers) also cross-attends to the context tokens (caption states + CLIP tokens),
+            DALLE2-pytorch's layout (:class:`ContextCrossAttention`). Needs the context (attention and
+            ``context_dim``). False (default): the network is the one without this option, bit for bit.
     """
 
     def __init__(
@@ -266,6 +325,7 @@ class UNet(nn.Module):
         context_in_dim: int | None = None,
         text_emb_dim: int | None = None,
         low_res_mode: str = "bilinear",
+        resblock_cross_attn: bool = False,
     ):
         super().__init__()
         if low_res_mode not in ("bilinear", "bicubic"):
@@ -309,10 +369,16 @@ class UNet(nn.Module):
         else:
             self.context_proj = self.context_norm = None
         self.text_to_time = nn.Linear(text_emb_dim, emb_ch) if text_emb_dim is not None else None
+        if resblock_cross_attn and ctx_dim is None:
+            raise ValueError("resblock_cross_attn needs context tokens, i.e. attention (attention_resolutions) and "
+                             "context_dim or CLIP tokens")
+        self.resblock_cross_attn = bool(resblock_cross_attn)
 
-        def res(ci: int, co: int, updown: str = "none") -> ResBlock:
+        def res(ci: int, co: int, updown: str = "none", level: int = 0) -> ResBlock:
+            xattn = self.resblock_cross_attn and updown == "none" and level > 0
             return ResBlock(ci, emb_ch, co, dropout, use_checkpoint, updown=updown, scale_shift=scale_shift_norm,
-                            groups=norm_groups, eps=norm_eps)
+                            groups=norm_groups, eps=norm_eps, context_dim=ctx_dim if xattn else None,
+                            num_head_channels=num_head_channels)
 
         def attn(ch: int, ds: int) -> AttentionBlock | None:
             if image_size // ds in attention_resolutions:
@@ -327,23 +393,24 @@ class UNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 out = model_channels * mult
-                self.down.append(Block(res(ch, out), attn(out, ds)))
+                self.down.append(Block(res(ch, out, level=level), attn(out, ds)))
                 ch = out
                 skips.append(ch)
             if level != len(channel_mult) - 1:
                 self.down.append(Block(res(ch, ch, "down") if resblock_updown else Downsample(ch)))
                 skips.append(ch)
                 ds *= 2
+        mid = len(channel_mult) - 1  # the middle blocks count as the last level's
         self.middle = nn.ModuleList([
-            Block(res(ch, ch), AttentionBlock(ch, min(num_head_channels, ch), ctx_dim, use_checkpoint, norm_groups)
-                  if use_attn else None),
-            Block(res(ch, ch)),
+            Block(res(ch, ch, level=mid), AttentionBlock(ch, min(num_head_channels, ch), ctx_dim, use_checkpoint,
+                                                         norm_groups) if use_attn else None),
+            Block(res(ch, ch, level=mid)),
         ])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 out = model_channels * mult
-                self.up.append(Block(res(ch + skips.pop(), out), attn(out, ds)))
+                self.up.append(Block(res(ch + skips.pop(), out, level=level), attn(out, ds)))
                 ch = out
                 if level > 0 and i == num_res_blocks:
                     self.up.append(Block(res(ch, ch, "up") if resblock_updown else Upsample(ch)))
