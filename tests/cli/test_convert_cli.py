@@ -6,6 +6,7 @@ and ``init_from`` with ``ckpt_path`` are one line."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,4 +235,23 @@ def test_bad_pipeline_folder_is_one_line(case, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert {"not_a_folder": "not a folder", "no_index": "no model_index.json",
             "missing_component": "super_res_last/ component is missing"}[case] in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module, reason", [
+    ("diffusers", 'the converter needs diffusers: pip install -e ".[diffusers]"'),
+    ("unclip_pl.convert.unet", "unclip_pl.convert.unet cannot be imported")])
+def test_missing_module_is_one_line(module, reason, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from unclip_pl.convert.__main__ import main
+
+    save_tiny_pipeline(tmp_path / "pipe")
+    monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
+    parent, _, name = module.rpartition(".")
+    if parent:
+        monkeypatch.delattr(importlib.import_module(parent), name, raising=False)
+    assert main(["from-diffusers", str(tmp_path / "pipe"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and reason in err
     assert not (tmp_path / "out").exists()
