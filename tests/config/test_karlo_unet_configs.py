@@ -3,12 +3,15 @@ configs (kakaobrain/karlo-v1-alpha: decoder, text_proj, super_res_first/last), w
 they compose with clip=vit_l14 and instantiate (at a tiny size here; full size in the slow tests)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.helpers import compose
 from unclip_pl.convert.unet import DECODER_SAMPLE, SUPERRES_SAMPLE, decoder_net_config, superres_net_config
+from unclip_pl.nets.unet import UNet
 
 # Karlo's configs as diffusers' conversion of the original checkpoints builds them (the rest are class defaults).
 KARLO_DECODER = dict(
@@ -32,10 +35,23 @@ def _plain(block) -> dict:
     return OmegaConf.to_container(block, resolve=True)
 
 
+_UNET_DEFAULTS = {k: p.default for k, p in inspect.signature(UNet).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+
+
 def _without(d, keys=TRAINING_ONLY):
+    """d without the training-only keys, and U-Net blocks without the keys left at the U-Net's defaults."""
     if isinstance(d, dict):
-        return {k: _without(v) for k, v in d.items() if k not in keys}
+        unet = d.get("_target_") == "unclip_pl.nets.unet.UNet"
+        return {k: _without(v) for k, v in d.items() if k not in keys
+                and not (unet and k in _UNET_DEFAULTS and _same(v, _UNET_DEFAULTS[k]))}
     return d
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
 
 
 def test_decoder_karlo_is_the_converted_network(tmp_path):

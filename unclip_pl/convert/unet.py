@@ -53,7 +53,8 @@ _DECODER_FIXED = {
     "time_cond_proj_dim": None, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "mid_block_scale_factor": 1, "conv_in_kernel": 3, "conv_out_kernel": 3, "only_cross_attention": False,
     "cross_attention_norm": None, "dual_cross_attention": False, "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "transformer_layers_per_block": 1,
+    "mid_block_only_cross_attention": None, "transformer_layers_per_block": 1, "num_attention_heads": None,
+    "attention_type": "default", "reverse_transformer_layers_per_block": None,
 }
 _SUPERRES_FIXED = {
     "center_input_sample": False, "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0,
@@ -98,7 +99,9 @@ def _unet_kwargs(cfg: dict[str, Any], what: str) -> dict[str, Any]:
     base = boc[0]
     if any(c % base for c in boc):
         raise ValueError(f"{what}: block_out_channels {boc} are not multiples of the first one")
-    groups = int(cfg.get("norm_num_groups") or 32)
+    if cfg.get("norm_num_groups", 32) is None:
+        raise ValueError(f"{what}: norm_num_groups=None (no output norm) is not a layout the project's U-Net has")
+    groups = int(cfg.get("norm_num_groups", 32))
     if any(c % groups for c in boc):
         raise ValueError(f"{what}: block_out_channels {boc} are not divisible by norm_num_groups={groups}")
     if cfg.get("time_embedding_dim") not in (None, 4 * base):
