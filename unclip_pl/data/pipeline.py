@@ -167,9 +167,9 @@ class ShardOrder(torch.utils.data.IterableDataset):
         yield from itertools.islice(itertools.islice(items, s.rank, None, s.world), s.worker, None, s.workers)
 
     def __iter__(self) -> Iterator[dict]:
-        skip = self.position.shards_to_skip()
+        stream, skip = self.position.current(), self.position.shards_to_skip()
         for i, item in enumerate(self._items()):
-            self.position.shard_started()
+            stream.shard_started()
             if i >= skip:
                 yield item
 

@@ -77,6 +77,10 @@ class _Stream:
     def position(self) -> tuple[int, ...]:
         return (self.epoch, self.worker, self.items, self.batches, self.shards, self.in_shard)
 
+    def shard_started(self) -> None:
+        """The source hands out its next shard (skipped ones included)."""
+        self.shards += 1
+
 
 class DataPosition:
     """Where the training stream of this rank starts, shared by the main process and its loader workers.
@@ -137,10 +141,6 @@ class DataPosition:
         """Whole shards the source drops unopened (shard skipping only): all before the last one read."""
         s = self.current()
         return max(0, s.skip["shards"] - 1) if self.shard_skip else 0
-
-    def shard_started(self) -> None:
-        """The source hands out its next shard."""
-        self.current().shards += 1
 
     def __getstate__(self):
         # Shared values travel only to processes being spawned (loader workers, ddp_spawn); a copy made elsewhere
