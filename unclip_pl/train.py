@@ -359,10 +359,28 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(ckpt)
 
 
+def continues_own_init(cfg: DictConfig, ckpt_path: str) -> bool:
+    """Whether ``ckpt_path`` is this run directory's last.ckpt found by ``resume: auto`` (no ``ckpt_path`` given)
+    and was written by a run started with the same ``init_from``: a restarted job (SLURM requeue, preemption)
+    then resumes as any run does, instead of failing."""
+    if cfg.get("ckpt_path") is not None or Path(ckpt_path).is_dir():
+        return False
+    try:
+        saved = (verify_checkpoint(ckpt_path) or {}).get("cfg") or {}
+    except CheckpointError:
+        return False
+    return saved.get("init_from") is not None and str(saved.get("init_from")) == str(cfg.init_from)
+
+
 def init_from_weights(cfg: DictConfig, module: pl.LightningModule, stage: str, ckpt_path: str | None) -> None:
     """``init_from``: load weights only into the stage's model before the fit (see
     :func:`unclip_pl.checkpoint.init_weights`). Refused together with a checkpoint to resume, which already
-    restores the weights (and the optimiser, step, EMA and data position)."""
+    restores the weights (and the optimiser, step, EMA and data position), except the last.ckpt of the run that
+    this ``init_from`` started (:func:`continues_own_init`), which resumes."""
+    if ckpt_path is not None and continues_own_init(cfg, ckpt_path):
+        log.info("Resuming %s, the run that init_from=%s started (resume=auto after a restart): init_from is not "
+                 "loaded again.", ckpt_path, cfg.init_from)
+        return
     if ckpt_path is not None:
         how = (f"ckpt_path={cfg.ckpt_path}" if cfg.get("ckpt_path") not in (None, "last")
                else f"this run directory's {ckpt_path} (resume=auto)")

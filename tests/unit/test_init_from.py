@@ -147,3 +147,29 @@ def test_init_from_missing_file_is_one_line(tmp_path):
     cfg = OmegaConf.create({"init_from": str(tmp_path / "nope.pt"), "init_strict": True, "ckpt_path": None})
     with pytest.raises(ConfigError, match="nope.pt does not exist"):
         init_from_weights(cfg, _module(), "prior", None)
+
+
+def test_a_restarted_init_from_run_resumes_its_own_last_checkpoint(tmp_path):
+    """resume=auto found last.ckpt of the run this init_from started (a requeued job): resume, load nothing; a
+    last.ckpt of a run started otherwise, or an explicit ckpt_path, stays an error."""
+    from omegaconf import OmegaConf
+
+    from unclip_pl.train import ConfigError, init_from_weights
+
+    _export(tmp_path / "w.pt", _module(seed=1).model.state_dict())
+    cfg = OmegaConf.create({"init_from": str(tmp_path / "w.pt"), "init_strict": True, "ckpt_path": None})
+    last = tmp_path / "last.ckpt"
+    for started_with in (str(tmp_path / "w.pt"), None, str(tmp_path / "other.pt")):
+        torch.save({"state_dict": {}, "cfg": {"init_from": started_with}}, last)
+        target = _module(seed=2)
+        before = target.model.net.out.weight.detach().clone()
+        if started_with == cfg.init_from:
+            init_from_weights(cfg, target, "prior", str(last))
+            assert torch.equal(target.model.net.out.weight, before)  # the fit's resume restores the weights
+        else:
+            with pytest.raises(ConfigError, match="resume=auto"):
+                init_from_weights(cfg, target, "prior", str(last))
+    explicit = OmegaConf.merge(cfg, {"ckpt_path": str(last)})
+    torch.save({"state_dict": {}, "cfg": {"init_from": cfg.init_from}}, last)
+    with pytest.raises(ConfigError, match="ckpt_path="):
+        init_from_weights(explicit, _module(), "prior", str(last))
