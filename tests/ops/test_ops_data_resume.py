@@ -35,8 +35,8 @@ def shards(tmp_path_factory):
     return out
 
 
-def _data(shards, workers: int, buffer: int) -> list[str]:
-    return ["data=ops_shards", f"data.train_urls={shards}", "data.val_urls=null", f"data.batch_size={BATCH}",
+def _data(shards, workers: int, buffer: int, batch: int = BATCH) -> list[str]:
+    return ["data=ops_shards", f"data.train_urls={shards}", "data.val_urls=null", f"data.batch_size={batch}",
             f"data.num_workers={workers}", f"data.shuffle_buffer={buffer}", "data.log_keys=true",
             "prior.module.ema_decay=null"]
 
@@ -123,18 +123,20 @@ def test_checkpoint_without_data_position_restarts_the_epoch_with_one_line(tmp_p
     assert [s for s, _ in steps] == [0, 1, 2, 3, 4, 5] and steps[3][1] == steps[0][1]  # the pass read anew
 
 
-def test_resume_two_gloo_ranks_continues_each_ranks_sequence(tmp_path, shards):
+@pytest.mark.parametrize("workers,batch", [(0, BATCH), pytest.param(2, 5, marks=pytest.mark.slow)])
+def test_resume_two_gloo_ranks_continues_each_ranks_sequence(tmp_path, shards, workers, batch):
     """2 CPU DDP processes (cycled shards split by rank), SIGTERM after step 2 on both, resumed: each rank's keys
-    equal those of an uninterrupted 2-rank run; the ranks never share a key within a pass."""
+    equal those of an uninterrupted 2-rank run; the ranks never share a key within a pass (with 2 workers a batch
+    of 5: each worker's 2 shards of a pass make whole batches, so an epoch is exactly one pass)."""
     base = [f"paths.log_dir={tmp_path}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.precision=32-true", "trainer.max_steps=7", *_data(shards, 0, buffer=6)]
+            "trainer.precision=32-true", "trainer.max_steps=7", *_data(shards, workers, buffer=6, batch=batch)]
     for name, extra in (("ref", []), ("run", ["prior.module.signal_at_step=2"]), ("run", [])):
         out = run_cli(base + [f"run_name={name}", *extra], timeout=300)
         assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
     runs = tmp_path / "train" / "runs"
     for rank in (0, 1):
         assert _steps(runs / "run", rank) == _steps(runs / "ref", rank), f"rank {rank}"
-    per_pass = N_SAMPLES // (2 * BATCH)  # 5 steps per pass on each of the 2 ranks
+    per_pass = N_SAMPLES // (2 * batch)  # steps per pass on each of the 2 ranks
     both = [_steps(runs / "ref", r) for r in (0, 1)]
     for start in range(0, 7 - per_pass + 1, per_pass):
         keys = [k for r in (0, 1) for _, b in both[r][start: start + per_pass] for k in b]
