@@ -195,7 +195,8 @@ class UnCLIPPipeline:
     # ------------------------------------------------------------------ decoder
     @torch.no_grad()
     def _caption_states(self, captions: Captions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder context for captions (None = no caption): (states (B, S, C), mask (B, S) bool)."""
+        """Decoder context for captions (None = no caption; the empty caption for a decoder whose unconditional
+        branch sees it, Karlo's): (states (B, S, C), mask (B, S) bool)."""
         texts = [c if c is not None else "" for c in captions]
         tokens = self.clip.tokenize(texts).to(self.device)
         if getattr(self.decoder, "text_encoder", None) is not None:
@@ -203,6 +204,8 @@ class UnCLIPPipeline:
         else:
             enc = self.clip.encode_text(tokens)
             states, mask = enc.tokens.float(), enc.mask
+        if getattr(self.decoder, "takes_text_emb", False):
+            return states, mask.bool()
         keep = torch.tensor([c is not None for c in captions], dtype=torch.bool, device=self.device)
         return states, mask.bool() & keep[:, None]
 

@@ -1,5 +1,6 @@
 """The pipeline with a Karlo-layout decoder (CLIP's text embedding on the time embedding, the empty caption as the
-unconditional branch): decoding and inverted variations give it both, and the caption reaches the images."""
+unconditional branch): decoding and inverted variations give it both, the caption reaches the images, and no
+caption is the empty caption."""
 import torch
 
 from tests.pipeline.conftest import IMG, D, W
@@ -34,6 +35,9 @@ def test_decode_and_inverted_variations_with_a_karlo_layout_decoder(tiny):
     assert a.shape == (2, 3, IMG, IMG)
     assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-3       # the caption (and its text embedding) matters
     assert torch.equal(pipe.decode(z, ["a red heart", "a red heart"], seeds=[0, 1]), a)
+    # no caption is the empty caption, as the unconditional branch sees it
+    assert torch.allclose(pipe.decode(z, [None, "a blue car"], seeds=[0, 1]), pipe.decode(z, ["", "a blue car"],
+                                                                                          seeds=[0, 1]), atol=1e-5)
     image = torch.rand(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(3)) * 2 - 1
     out = pipe.variations(image, n=2, invert=True, caption="a red heart", seeds=[0, 1])
     assert out.shape == (2, 3, IMG, IMG) and torch.isfinite(out).all()
