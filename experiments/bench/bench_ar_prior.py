@@ -121,10 +121,10 @@ def bench_sample(args, device: torch.device) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             model.sample(txt, tok, mask, use_cache=use_cache, generator=g, **SAMPLE_KW)
 
-    cached = timed(lambda: run(True), args.sample_iters, 1, device)
-    with FlopCounterMode(display=False) as counter:  # one counted call
+    with FlopCounterMode(display=False) as counter:  # one counted call, which also warms up
         run(True)
     flops = counter.get_total_flops()
+    cached = timed(lambda: run(True), args.sample_iters, 1 if device.type == "cuda" else 0, device)
     total_steps = args.codes + 1
     n = args.no_cache_steps or total_steps
     if n >= total_steps:

@@ -56,7 +56,7 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/summary.txt"
 
 part bench_prior 200 "$PY" experiments/bench/bench_prior.py "${BENCH[@]}" --out "$OUT/bench.md"
-part bench_ar_prior 150 "$PY" experiments/bench/bench_ar_prior.py "${BENCH[@]}" --out "$OUT/bench.md"
+part bench_ar_prior 180 "$PY" experiments/bench/bench_ar_prior.py "${BENCH[@]}" --out "$OUT/bench.md"
 part bench_decoder 240 "$PY" experiments/bench/bench_decoder.py "${BENCH[@]}" --out "$OUT/bench.md"
 
 FIT=("${TRAINER[@]}" logger=csv "trainer.max_steps=$STEPS" trainer.log_every_n_steps=10 trainer.check_val_every_n_epoch=1)
