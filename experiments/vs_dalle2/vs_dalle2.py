@@ -227,6 +227,8 @@ def cmd_train_dalle2(args) -> None:
             losses.append(loss.item())
             log.writerow([step, f"{time.perf_counter() - t0:.2f}", f"{losses[-1]:.5f}",
                           f"{sched.get_last_lr()[0]:.3g}"])
+            if step % 10 == 0:
+                fh.flush()
     seconds = time.perf_counter() - t0
     after = probe_loss(unet, scheduler, images01[pb], emb[pb], enc[pb])
     after_ema = probe_loss(ema.module, scheduler, images01[pb], emb[pb], enc[pb])
