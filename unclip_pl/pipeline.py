@@ -1,6 +1,8 @@
 """The unCLIP inference pipeline: frozen CLIP -> prior -> decoder -> upsamplers (no training code).
 
-Every method takes and returns images as float tensors (B, 3, H, W) in [-1, 1] and embeddings as unit-norm (B, D).
+Every method takes and returns images as float tensors (B, 3, H, W) in [-1, 1] and embeddings as unit-norm (B, D),
+or as CLIP's raw projections with a CLIP of ``normalize=False`` (the stages converted from Karlo, whose prior then
+has ``unit_norm=False``; its unconditional branch is the empty caption's encoding, ``uncond="empty_caption"``).
 
 Seeding: every random draw is per item, from a generator seeded with
 ``unclip_pl.diffusion.seeds.derive_seed(seed, stream, step)``, a hash of the item's seed, the stream (stage
@@ -103,6 +105,11 @@ class UnCLIPPipeline:
         if prior is not None and getattr(prior, "embed_dim", clip.embed_dim) != clip.embed_dim:
             raise ValueError(f"the prior makes embeddings of width {prior.embed_dim} but the CLIP has "
                              f"{clip.embed_dim}")
+        raw_prior = prior is not None and not getattr(prior, "unit_norm", True)
+        if prior is not None and raw_prior == getattr(clip, "normalize", True):
+            want, have = ("raw", "unit-norm") if raw_prior else ("unit-norm", "raw")
+            raise ValueError(f"the prior reads {want} CLIP embeddings but the CLIP gives {have} ones: load it with "
+                             f"clip.loader.normalize={'false' if raw_prior else 'true'}")
         if device is None:
             device = next(iter(decoder.parameters())).device
         self.to(device)
@@ -161,12 +168,13 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) or (3, H, W) in [-1, 1] -> (B, D) unit-norm CLIP image embeddings."""
+        """(B, 3, H, W) or (3, H, W) in [-1, 1] -> (B, D) CLIP image embeddings (unit norm unless the CLIP's
+        ``normalize`` is False)."""
         return self.clip.encode_image(_as_batch(images).to(self.device)).float()
 
     @torch.no_grad()
     def embed_texts(self, captions: Sequence[str]) -> torch.Tensor:
-        """captions -> (B, D) unit-norm CLIP text embeddings."""
+        """captions -> (B, D) CLIP text embeddings (unit norm unless the CLIP's ``normalize`` is False)."""
         return self.encode_text(captions).emb.float()
 
     # ------------------------------------------------------------------ prior
@@ -181,6 +189,10 @@ class UnCLIPPipeline:
             raise ValueError("no prior sampler settings: give settings={'prior': {...}}")
         s = self.settings.prior
         enc = self.encode_text(captions)
+        empty = {}
+        if getattr(self.prior, "uncond", "learned") == "empty_caption":  # Karlo's prior guides against ""
+            e = self.encode_text([""])
+            empty = {"uncond_text": (e.tokens.float(), e.mask.bool(), e.emb.float())}
         out = []
         bs = max(1, self.settings.batch_size)
         seeds = list(seeds) if seeds is not None else default_seeds(len(captions))
@@ -189,7 +201,7 @@ class UnCLIPPipeline:
         for i in range(0, len(captions), bs):
             sl = slice(i, i + bs)
             out.append(self.prior.sample(enc.emb[sl], enc.tokens[sl], enc.mask[sl], **s.sampler_kwargs(),
-                                         seeds=seeds[sl], stream=stage_stream("prior")).float())
+                                         seeds=seeds[sl], stream=stage_stream("prior"), **empty).float())
         return torch.cat(out)
 
     # ------------------------------------------------------------------ decoder

@@ -136,7 +136,8 @@ def test_sample_and_init_from_on_the_converted_files(converted, tiny_clip, emoji
     from unclip_pl.checkpoint import read_checkpoint, resolve_checkpoint
 
     root = converted["root"]
-    clip = f"{{_target_: unclip_pl.clip.frozen.load_clip, model_name: unclip-tiny, checkpoint: {tiny_clip}}}"
+    clip = (f"{{_target_: unclip_pl.clip.frozen.load_clip, model_name: unclip-tiny, checkpoint: {tiny_clip}, "
+            f"normalize: false}}")  # CLIP's raw projections, as the converted Karlo prior reads
     sample = Command([script("sample.py"), "mode=text", "prompt=red heart", "n=2", "checkpoints.prior=karlo/prior.pt",
                       "checkpoints.decoder=karlo/decoder.pt", "checkpoints.upsamplers=[karlo/upsampler_32.pt]",
                       f"clip={clip}", "settings.prior.steps=3", "settings.decoder.steps=3",

@@ -2,9 +2,11 @@
 
 ``FrozenCLIP`` wraps an open_clip ``CLIP`` (or ``CustomTextCLIP`` with an open_clip text transformer):
 always ``eval()`` with ``requires_grad_(False)``; images in [-1, 1] are resized and normalised inside;
-the text tower is run here module by module so per-token states come out too. Captions are trimmed to the longest one
-in the batch, on the CPU when tokenising (exact: the causal mask means no real token attends to padding, and the pooled
-token is the end token); the training step itself never reads lengths back from the GPU.
+the text tower is run here module by module so per-token states come out too. Embeddings are unit-norm by default;
+``normalize=False`` gives CLIP's raw projections instead (what Karlo's prior and decoder read).
+Captions are trimmed to the longest one in the batch, on the CPU when tokenising (exact: the causal mask means no
+real token attends to padding, and the pooled token is the end token); the training step itself never reads lengths
+back from the GPU.
 
 ``load_clip`` builds one from (a) an open_clip name + pretrained tag (open_clip's own download / cache, failing at
 once in one line when offline and not cached), or (b) a local checkpoint file (an open_clip state dict, or a file
@@ -56,8 +58,9 @@ class CLIPLoadError(RuntimeError):
 class TextEncoding:
     """Output of :meth:`FrozenCLIP.encode_text`.
 
-    emb:    (B, D) unit-norm pooled text embedding.
-    tokens: (B, L', W) per-token states after the final LayerNorm (L' <= context length).
+    emb:    (B, D) pooled text embedding: unit norm, or CLIP's raw projection (``FrozenCLIP(normalize=False)``).
+    tokens: (B, L', W) per-token states after the final LayerNorm (L' <= context length): Hugging Face
+            ``CLIPTextModel``'s ``last_hidden_state``.
     mask:   (B, L') bool, True at real tokens (start token .. end token inclusive).
     """
 
@@ -101,11 +104,15 @@ class FrozenCLIP(nn.Module):
 
     Attributes: embed_dim (D), text_width (W), context_length (L), image_size, fingerprint (short weights hash),
     tokenizer (picklable open_clip tokenizer, ``tokenizer(list[str]) -> (B, L) int64``), model_name.
+    ``normalize``: True (default): image and text embeddings are unit norm; False: CLIP's raw projections
+    (``image_embeds`` / ``text_embeds`` of Hugging Face's CLIP models, which Karlo's pipeline feeds its stages).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, model_name: str = "", trim: bool = True):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, model_name: str = "", trim: bool = True,
+                 normalize: bool = True):
         super().__init__()
         self.model = model
+        self.normalize = bool(normalize)
         self.model_name = model_name
         self.requires_grad_(False)
         super().train(False)
@@ -141,6 +148,8 @@ class FrozenCLIP(nn.Module):
         if self._fingerprint is None:
             h = hashlib.sha1()
             h.update(repr((self.image_size, self.mean, self.std, self.context_length)).encode())
+            if not self.normalize:  # raw projections are other embeddings than unit-norm ones
+                h.update(b"raw projections")
             for name, t in sorted(self.model.state_dict().items()):
                 t = t.detach().cpu().contiguous().reshape(-1)
                 h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
@@ -163,9 +172,11 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> (B, D) unit-norm. Resizes (antialiased) and normalises inside."""
+        """images (B, 3, H, W) in [-1, 1] -> (B, D) unit-norm (raw with ``normalize=False``). Resizes
+        (antialiased) and normalises the pixels inside."""
         x = preprocess_images(images.to(self.device), self.image_size, self.mean, self.std, self.interpolation)
-        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+        emb = self.model.encode_image(x).float()
+        return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor | list[str]) -> TextEncoding:
@@ -173,11 +184,13 @@ class FrozenCLIP(nn.Module):
         if not isinstance(tokens, torch.Tensor):
             tokens = self.tokenize(tokens)
         pooled, states, mask = encode_text_tokens(self.model, tokens, trim=self.trim)
-        return TextEncoding(emb=F.normalize(pooled.float(), dim=-1), tokens=states.float(), mask=mask)
+        emb = F.normalize(pooled.float(), dim=-1) if self.normalize else pooled.float()
+        return TextEncoding(emb=emb, tokens=states.float(), mask=mask)
 
     def extra_repr(self) -> str:
         return (f"model_name={self.model_name!r}, embed_dim={self.embed_dim}, text_width={self.text_width}, "
-                f"context_length={self.context_length}, image_size={self.image_size}")
+                f"context_length={self.context_length}, image_size={self.image_size}"
+                + ("" if self.normalize else ", normalize=False"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,7 +198,7 @@ class FrozenCLIP(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | os.PathLike | None = None,
               cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-              **expect: Any) -> FrozenCLIP:
+              normalize: bool = True, **expect: Any) -> FrozenCLIP:
     """Build a :class:`FrozenCLIP`.
 
     Args:
@@ -195,6 +208,8 @@ def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | 
         checkpoint: local weights file: an open_clip state dict (architecture = ``model_name``) or a file written by
             ``export_clip`` (its own config wins). Takes precedence over ``pretrained``.
         cache_dir: download cache for pretrained weights (default: open_clip / huggingface_hub default).
+        normalize: unit-norm embeddings (default) or, False, CLIP's raw projections (``clip.loader.normalize=false``:
+            the stages converted from Karlo read those).
         expect: optional checks ``embed_dim``, ``text_width``, ``context_length``, ``image_size``; a mismatch raises
             a ``CLIPLoadError`` naming the key. ``None`` values are ignored.
     """
@@ -209,7 +224,7 @@ def load_clip(model_name: str, pretrained: str | None = None, checkpoint: str | 
             raise CLIPLoadError(
                 f"load_clip({model_name!r}): give either `pretrained` (an open_clip tag, e.g. "
                 f"clip.loader.pretrained=laion2b_s34b_b79k) or `checkpoint` (clip.loader.checkpoint=/path/to/weights)")
-        clip = FrozenCLIP(model.to(device), tokenizer=tokenizer, model_name=name)
+        clip = FrozenCLIP(model.to(device), tokenizer=tokenizer, model_name=name, normalize=normalize)
     except UnsupportedTextTower as e:
         raise CLIPLoadError(str(e)) from None
     check_expect(clip, **expect)

@@ -8,7 +8,9 @@
 and image encoders are not read) and writes ``OUT_DIR/prior.pt``, ``decoder.pt`` and ``upsampler_<size>.pt`` in the
 weights-file format of :func:`unclip_pl.checkpoint.export_weights` (each with its model config and its ``sample:``
 block: the sampler settings the pipeline used), and ``sample_settings.yaml`` with those blocks side by side. The
-files store the CLIP preset ``clip=vit_l14`` (Karlo's CLIP), with ``--clip-checkpoint`` as its local weights file.
+files store the CLIP preset ``clip=vit_l14`` (Karlo's CLIP) with ``loader.normalize: false`` (CLIP's raw projections,
+which Karlo's stages read), and ``--clip-checkpoint`` as its local weights file. The prior is stored as Karlo's
+pipeline runs it: raw projections in and out, guided against the empty caption's encoding.
 
 ``to-diffusers`` writes those files back as the pipeline's component folders (``save_pretrained`` of each
 component and scheduler) in ``OUT_DIR``, a stage's file replaced by ``--<stage> FILE`` (a fine-tuned run's ``.ckpt``
@@ -107,11 +109,13 @@ def pipeline_defaults() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------- writing
 def clip_block(checkpoint: str | None) -> dict[str, Any]:
-    """The ``clip=vit_l14`` preset as stored in the files (``checkpoint``: its local weights file)."""
+    """The ``clip=vit_l14`` preset as stored in the files (``checkpoint``: its local weights file), giving CLIP's
+    raw projections (``loader.normalize: false``), as Karlo's pipeline feeds its stages."""
     from omegaconf import OmegaConf
 
     block = OmegaConf.to_container(OmegaConf.load(CLIP_PRESET), resolve=True)
     block["loader"]["checkpoint"] = checkpoint
+    block["loader"]["normalize"] = False
     return block
 
 
@@ -158,7 +162,7 @@ def from_diffusers(pipeline_dir: str | Path, out_dir: str | Path, clip_checkpoin
         prior = load_component(folder, "prior")
         ps = scheds["prior_scheduler"]
         clip_range = float(ps.get("clip_sample_range", 1.0)) if ps.get("clip_sample", True) else None
-        model_cfg, sd = prior_bridge.prior_from_diffusers(prior, clip_range, num_steps("prior_scheduler"))
+        model_cfg, sd = prior_bridge.prior_from_diffusers(prior, clip_range, num_steps("prior_scheduler"), karlo=True)
         del prior
         sample = {"steps": int(defaults["prior_num_inference_steps"]), "sampler": "ddpm", "eta": 0.0,
                   "guidance_scale": float(defaults["prior_guidance_scale"]), "best_of": 1}

@@ -23,10 +23,12 @@ causal mask + text padding (-1e4 added)     causal mask + caption key padding (b
 Karlo's prior predicts x0 (``prediction_type: sample``) over the 1000-step ``squaredcos_cap_v2`` schedule (the
 project's ``cosine``), clamping x0 to [-5, 5] while sampling (``clip_sample_range``).
 
-The project's prior also has learned null conditioning for classifier-free guidance (``null_text_token``,
-``null_txt_emb``), which Karlo's does not: its pipeline encodes the empty caption with CLIP instead. The converter
-sets them to the network's projections of an all-zero caption token and z_t (the projection biases); guidance then
-steers away from that. Converting back drops them.
+Karlo's pipeline feeds the prior CLIP's raw projections and guides it against the CLIP encoding of the empty caption;
+``prior_from_diffusers(..., karlo=True)`` (what ``python -m unclip_pl.convert from-diffusers`` writes) configures the
+project prior the same way: ``unit_norm=False, uncond="empty_caption"``. The project's network also holds learned
+null conditioning (``null_text_token``, ``null_txt_emb``), which Karlo's does not; the converter sets them to the
+network's projections of an all-zero caption token and z_t (the projection biases). They are used only with
+``uncond="learned"`` (``karlo=False``); converting back drops them.
 """
 
 from __future__ import annotations
@@ -83,15 +85,18 @@ def diffusers_config(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_config(net: dict[str, Any], clip_sample_range: float | None = 5.0, num_train_timesteps: int = 1000,
-                 cond_drop_prob: float = 0.1) -> dict[str, Any]:
-    """The Hydra node of the project's ``DiffusionPrior`` for a converted prior (``instantiate`` builds it)."""
+                 cond_drop_prob: float = 0.1, karlo: bool = False) -> dict[str, Any]:
+    """The Hydra node of the project's ``DiffusionPrior`` for a converted prior (``instantiate`` builds it).
+    ``karlo``: Karlo's pipeline conditioning (raw CLIP projections, the empty caption as the unconditional branch);
+    else unit-norm embeddings and the learned nulls."""
     return {"_target_": "unclip_pl.models.prior.DiffusionPrior",
             "net": {"_target_": "unclip_pl.nets.prior.PriorTransformer", **net},
             "diffusion": {"_target_": "unclip_pl.diffusion.GaussianDiffusion", "target": "x0",
                           "betas": {"_target_": "unclip_pl.diffusion.get_betas", "name": "cosine",
                                     "num_steps": int(num_train_timesteps)}},
             "cond_drop_prob": cond_drop_prob, "normalization": "standardize", "embed_dim": net["embed_dim"],
-            "clip_sample_range": clip_sample_range}
+            "clip_sample_range": clip_sample_range, "unit_norm": not karlo,
+            "uncond": "empty_caption" if karlo else "learned"}
 
 
 # (diffusers name, project name) of the tensors that are copied as they are (blocks: per-layer, see below)
@@ -156,13 +161,14 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor], num_layers: int) -> dic
     return out
 
 
-def prior_from_diffusers(prior: Any, clip_sample_range: float | None = 5.0, num_train_timesteps: int = 1000
-                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A diffusers ``PriorTransformer`` -> (the project ``DiffusionPrior``'s Hydra node, its state dict)."""
+def prior_from_diffusers(prior: Any, clip_sample_range: float | None = 5.0, num_train_timesteps: int = 1000,
+                         karlo: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A diffusers ``PriorTransformer`` -> (the project ``DiffusionPrior``'s Hydra node, its state dict).
+    ``karlo``: configured as ``UnCLIPPipeline`` runs it (see :func:`model_config`)."""
     config = _config(prior)
     kwargs = net_kwargs(config)
     sd = state_dict_from_diffusers(prior.state_dict(), config["num_layers"], config["num_embeddings"])
-    return model_config(kwargs, clip_sample_range, num_train_timesteps), sd
+    return model_config(kwargs, clip_sample_range, num_train_timesteps, karlo=karlo), sd
 
 
 def prior_to_diffusers(model_cfg: dict[str, Any], state_dict: dict[str, torch.Tensor]):

@@ -84,8 +84,20 @@ class PriorModule(StageModule):
             txt_emb = enc.emb
         return batch["img_emb"].float(), txt_emb.float(), enc.tokens.float(), enc.mask
 
+    @torch.no_grad()
+    def _uncond(self, model: nn.Module) -> dict[str, Any]:
+        """``{"uncond_text": (tokens, mask, txt_emb)}``, the frozen CLIP's encoding of ``""``, for a diffusion prior
+        whose unconditional branch is the empty caption (``uncond="empty_caption"``, Karlo's); else {}."""
+        if getattr(model, "uncond", "learned") != "empty_caption":
+            return {}
+        enc = self.encode_text(self.clip.tokenize([""]))
+        return {"uncond_text": (enc.tokens.float(), enc.mask.bool(), enc.emb.float())}
+
     # ------------------------------------------------------------------ normaliser
     def on_fit_start(self) -> None:
+        if not getattr(self.model, "unit_norm", True) and getattr(self.clip, "normalize", False):
+            log.warning("prior: the model reads CLIP's raw projections (unit_norm=false) but the CLIP gives unit-norm "
+                        "embeddings: set clip.loader.normalize=false, with embeddings made by that CLIP")
         if getattr(self.model, "needs_fit", False):
             self.fit_normalizer_from_data()
         codec = getattr(self.model, "codec", None)
@@ -155,7 +167,7 @@ class PriorModule(StageModule):
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         img_emb, txt_emb, tokens, mask = self._inputs(batch)
-        return self.model.loss(img_emb, txt_emb, tokens, mask)
+        return self.model.loss(img_emb, txt_emb, tokens, mask, **self._uncond(self.model))
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -173,11 +185,12 @@ class PriorModule(StageModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         model = self.eval_model
         img_emb, txt_emb, tokens, mask = self._inputs(batch)
-        out = model.loss(img_emb, txt_emb, tokens, mask, generator=self._generator(batch_idx))
+        uncond = self._uncond(model)
+        out = model.loss(img_emb, txt_emb, tokens, mask, generator=self._generator(batch_idx), **uncond)
         self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, batch_size=img_emb.shape[0])
         if self._sample_now and (self.sample_max_batches is None or batch_idx < self.sample_max_batches):
             pred = model.sample(txt_emb, tokens, mask, generator=self._generator(batch_idx),
-                                **self.sample_settings.sampler_kwargs())
+                                **self.sample_settings.sampler_kwargs(), **uncond)
             self._val_outputs.append((pred.float(), img_emb, txt_emb))
 
     def on_validation_epoch_end(self) -> None:

@@ -9,7 +9,12 @@ space with roughly unit variance per dimension:
   - ``"scale"``: z * sqrt(D) (the paper's x17.2 for D = 1024 is sqrt(D) rounded);
   - ``"standardize"``: (z - mean) / std per dimension, with mean/std buffers fitted on training embeddings
     (:meth:`DiffusionPrior.fit_normalizer`) and saved in the checkpoint.
-z_t, a conditioning input only, is always fed as z_t * sqrt(D).
+z_t, a conditioning input only, is fed as z_t * sqrt(D).
+
+Karlo's prior (``unit_norm=False, uncond="empty_caption"``, converted by ``unclip_pl.convert``) differs in two
+ways: it reads CLIP's raw projections (z_t fed as given, z_i standardised, and its samples only de-standardised, not
+renormalised), and its classifier-free guidance steers away from the encoding of the empty caption ``""`` (caption
+token states, mask and z_t) instead of learned null embeddings.
 """
 
 from __future__ import annotations
@@ -33,6 +38,34 @@ from unclip_pl.diffusion import (
 )
 
 NORMALIZATIONS = ("scale", "standardize")
+UNCONDS = ("learned", "empty_caption")
+
+
+def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L', W), (B, L') -> (B, length, W), (B, length) with masked zero positions appended (exact: padded
+    positions are never attended to)."""
+    extra = length - tokens.shape[1]
+    if extra <= 0:
+        return tokens, mask.bool()
+    return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask.bool(), (0, extra), value=False)
+
+
+def empty_caption_inputs(uncond_text: Any, batch: int, length: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The empty caption's encoding ``(tokens (1|B, L_u, W), mask (1|B, L_u), txt_emb (1|B, D))`` (or an object
+    with ``.tokens``/``.mask``/``.emb``) -> (tokens (B, L, W), mask (B, L), txt_emb (B, D)), L = max(L_u, length)."""
+    if hasattr(uncond_text, "mask"):
+        uncond_text = (uncond_text.tokens, uncond_text.mask, uncond_text.emb)
+    if not isinstance(uncond_text, (tuple, list)) or len(uncond_text) != 3:
+        raise ValueError("uncond_text must be (tokens, mask, txt_emb), the encoding of the empty caption \"\"")
+    tok, mask, emb = uncond_text
+    out = []
+    for v in (tok.float(), mask.bool(), emb.float()):
+        if v.shape[0] not in (1, batch):
+            raise ValueError(f"uncond_text has batch {v.shape[0]}, expected 1 or {batch}")
+        out.append(v.expand(batch, *v.shape[1:]))
+    tok, mask = _pad_tokens(out[0], out[1], length)
+    return tok, mask, out[2]
 
 
 def select_best_of(candidates: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
@@ -60,11 +93,24 @@ class DiffusionPrior(nn.Module):
         embed_dim: D (defaults to ``net.embed_dim``).
         clip_sample_range: when set, sampling clamps each step's predicted x0 (in the normalised space) to
             [-r, r] (Karlo's prior: 5); None (default) never clamps.
+        unit_norm: True (default): z_t and z_i are unit-norm CLIP embeddings, z_t is fed x sqrt(D) and samples are
+            renormalised. False (Karlo): CLIP's raw projections, z_t fed as given, samples only de-standardised
+            (needs ``normalization="standardize"``; give it a CLIP with ``normalize=False``).
+        uncond: the unconditional branch of classifier-free guidance (training's dropped rows and sampling):
+            "learned" (default): the learned null embeddings; "empty_caption" (Karlo): the encoding of ``""``,
+            passed as ``uncond_text`` to :meth:`loss` and :meth:`sample`.
     """
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion | None = None, cond_drop_prob: float = 0.1,
-                 normalization: str = "scale", embed_dim: int | None = None, clip_sample_range: float | None = None):
+                 normalization: str = "scale", embed_dim: int | None = None, clip_sample_range: float | None = None,
+                 unit_norm: bool = True, uncond: str = "learned"):
         super().__init__()
+        if uncond not in UNCONDS:
+            raise ValueError(f"unknown uncond {uncond!r}; valid choices: {', '.join(UNCONDS)}")
+        if not unit_norm and normalization != "standardize":
+            raise ValueError("unit_norm=False (raw CLIP projections) needs normalization='standardize'")
+        self.unit_norm = bool(unit_norm)
+        self.uncond = uncond
         if clip_sample_range is not None and not clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be positive or None, got {clip_sample_range}")
         self.clip_sample_range = None if clip_sample_range is None else float(clip_sample_range)
@@ -112,22 +158,30 @@ class DiffusionPrior(nn.Module):
         self.norm_fitted.fill_(True)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Unit-norm image embeddings (B, D) -> diffusion space (B, D)."""
+        """Image embeddings (B, D) (unit norm, or raw with ``unit_norm=False``) -> diffusion space (B, D)."""
         z = z.float()
         if self.normalization == "scale":
             return z * math.sqrt(self.embed_dim)
         return (z - self.norm_mean) / self.norm_std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Diffusion space (B, D) -> unit-norm image embeddings (B, D)."""
+        """Diffusion space (B, D) -> unit-norm image embeddings (B, D) (with ``unit_norm=False``: de-standardised
+        only, Karlo's ``post_process_latents``)."""
         x = x.float()
         if self.normalization == "standardize":
             x = x * self.norm_std + self.norm_mean
-        return F.normalize(x, dim=-1)
+        return F.normalize(x, dim=-1) if self.unit_norm else x
 
     def scale_text(self, txt_emb: torch.Tensor) -> torch.Tensor:
-        """z_t (B, D) unit norm -> network input z_t * sqrt(D)."""
+        """z_t (B, D) unit norm -> network input z_t * sqrt(D) (with ``unit_norm=False``: as given)."""
+        if not self.unit_norm:
+            return txt_emb.float()
         return txt_emb.float() * math.sqrt(self.embed_dim)
+
+    def _require_uncond_text(self, uncond_text: Any, what: str) -> None:
+        if self.uncond == "empty_caption" and uncond_text is None:
+            raise ValueError(f"this prior's unconditional branch is the empty caption: pass uncond_text=(tokens, "
+                             f"mask, txt_emb), the CLIP encoding of \"\" ({what})")
 
     # ------------------------------------------------------------------ training
     def sample_drop_mask(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -135,7 +189,7 @@ class DiffusionPrior(nn.Module):
         return torch.rand(batch, device=device, generator=generator) < self.cond_drop_prob
 
     def loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None, uncond_text: Any = None) -> dict[str, torch.Tensor]:
         """Diffusion training loss (MSE of the predicted unnoised z_i in the normalised space).
 
         Args:
@@ -143,6 +197,8 @@ class DiffusionPrior(nn.Module):
             txt_emb: (B, D) unit-norm CLIP text embeddings.
             text_tokens: (B, L', W) CLIP text token encodings; text_mask: (B, L') bool.
             generator: optional generator for timesteps, noise and the drop mask (tests).
+            uncond_text: with ``uncond="empty_caption"``, the encoding of ``""`` (tokens (1, L_u, W), mask (1, L_u),
+                txt_emb (1, D)) that replaces the dropped rows' conditioning; ignored otherwise.
         Returns:
             dict(loss scalar, mse scalar, cond_drop_frac scalar).
         """
@@ -156,6 +212,14 @@ class DiffusionPrior(nn.Module):
         noise = torch.randn(x0.shape, device=device, generator=generator)
         drop = self.sample_drop_mask(b, device, generator)
         kwargs = dict(text_tokens=text_tokens, text_mask=text_mask, txt_emb=self.scale_text(txt_emb), drop_cond=drop)
+        if self.uncond == "empty_caption":  # dropped rows see the empty caption instead of the learned nulls
+            self._require_uncond_text(uncond_text, "loss")
+            u_tok, u_mask, u_emb = (v.to(device) for v in empty_caption_inputs(uncond_text, b, text_tokens.shape[1]))
+            tok, mask = _pad_tokens(text_tokens.float(), text_mask, u_tok.shape[1])
+            kwargs = dict(text_tokens=torch.where(drop[:, None, None], u_tok.to(tok), tok),
+                          text_mask=torch.where(drop[:, None], u_mask, mask),
+                          txt_emb=torch.where(drop[:, None], self.scale_text(u_emb), kwargs["txt_emb"]),
+                          drop_cond=None)
         terms = self.diffusion.training_losses(self.net, x0, t, model_kwargs=kwargs, noise=noise)
         return {"loss": terms["loss"].mean(), "mse": terms["mse"].mean().detach(),
                 "cond_drop_frac": drop.float().mean()}
@@ -165,7 +229,7 @@ class DiffusionPrior(nn.Module):
     def sample(self, txt_emb: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, *, steps: Any,
                sampler: str, eta: float, guidance_scale: float, best_of: int,
                generator: torch.Generator | None = None, seeds: Sequence[int] | None = None, progress: bool = False,
-               use_cache: bool = True, stream: str = "prior") -> torch.Tensor:
+               use_cache: bool = True, stream: str = "prior", uncond_text: Any = None) -> torch.Tensor:
         """Sample image embeddings for captions. The sampler settings (``steps`` .. ``best_of``) are explicit, usually
         the stage's ``sample:`` block (paper: 64 DDIM steps, best of 2).
 
@@ -181,13 +245,20 @@ class DiffusionPrior(nn.Module):
                 candidate j draws from its own streams of stage ``stream`` (``unclip_pl.diffusion.seeds``).
             use_cache: encode the step-independent caption/z_t prefix once (``net.encode_prefix``) and run only the
                 3 step-dependent tokens per step (``net.forward_cached``); same result, many times faster.
+            uncond_text: with ``uncond="empty_caption"`` and guidance, the unconditional branch's conditioning: the
+                encoding of ``""`` (tokens (1, L_u, W), mask (1, L_u), txt_emb (1, D), as ``txt_emb`` is given).
         Returns:
-            (B, D) unit-norm predicted image embeddings z_i.
+            (B, D) unit-norm predicted image embeddings z_i (with ``unit_norm=False``: raw, as CLIP's projections).
         """
         sample_fn = get_sampler(sampler)
         if self.needs_fit:
             raise RuntimeError("normalization='standardize' but fit_normalizer() was never called")
         b, n, device = txt_emb.shape[0], max(1, int(best_of)), txt_emb.device
+        empty = None  # the empty caption's (tokens, mask, txt_emb), per caption, padded to the captions' length
+        if self.uncond == "empty_caption" and guidance_scale != 1.0:
+            self._require_uncond_text(uncond_text, "sample")
+            empty = tuple(v.to(device) for v in empty_caption_inputs(uncond_text, b, text_tokens.shape[1]))
+            text_tokens, text_mask = _pad_tokens(text_tokens, text_mask, empty[0].shape[1])
         zt = self.scale_text(txt_emb).repeat_interleave(n, dim=0)        # (B*N, D)
         tok = text_tokens.repeat_interleave(n, dim=0)                     # (B*N, L', W)
         mask = text_mask.bool().repeat_interleave(n, dim=0)               # (B*N, L')
@@ -203,11 +274,18 @@ class DiffusionPrior(nn.Module):
                 return {k: v.repeat_interleave(n, dim=0) for k, v in cache.items()}
 
             cond = prefix(keep_b)
-            uncond = prefix(~keep_b) if guidance_scale != 1.0 else None
+            uncond = prefix(~keep_b) if guidance_scale != 1.0 and empty is None else None
+            if empty is not None:
+                cache = self.net.encode_prefix(empty[0].to(text_tokens), empty[1], self.scale_text(empty[2]), keep_b)
+                uncond = {k: v.repeat_interleave(n, dim=0) for k, v in cache.items()}
         else:
             net_fn = self.net
             cond = dict(text_tokens=tok, text_mask=mask, txt_emb=zt, drop_cond=keep)
             uncond = dict(cond, drop_cond=~keep)
+            if empty is not None:
+                uncond = dict(text_tokens=empty[0].to(tok).repeat_interleave(n, dim=0),
+                              text_mask=empty[1].repeat_interleave(n, dim=0),
+                              txt_emb=self.scale_text(empty[2]).repeat_interleave(n, dim=0), drop_cond=keep)
         if guidance_scale == 1.0:
             model_fn, model_kwargs = net_fn, cond
         else:
@@ -218,5 +296,6 @@ class DiffusionPrior(nn.Module):
         x0 = sample_fn(self.diffusion, model_fn, x_T, steps, eta=eta, model_kwargs=model_kwargs, progress=progress,
                        generator=step_generator(seeds, generator, device, per_seed=n, stage=stream),
                        denoised_fn=None if r is None else functools.partial(torch.clamp, min=-r, max=r))
-        z = self.denormalize(x0).view(b, n, self.embed_dim)             # (B, N, D) unit norm
-        return F.normalize(select_best_of(z, txt_emb), dim=-1)
+        z = self.denormalize(x0).view(b, n, self.embed_dim)             # (B, N, D) unit norm (or raw)
+        best = select_best_of(z, txt_emb)
+        return F.normalize(best, dim=-1) if self.unit_norm else best
