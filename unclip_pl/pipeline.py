@@ -134,7 +134,7 @@ class UnCLIPPipeline:
         :class:`PipelineSettings` overrides it key by key (``None`` values keep the stored ones); a
         ``PipelineSettings`` replaces it.
         """
-        from unclip_pl.checkpoint import load_stage
+        from unclip_pl.checkpoint import CheckpointError, load_stage
 
         if decoder is None:
             raise ValueError("a decoder checkpoint is required")
@@ -143,6 +143,16 @@ class UnCLIPPipeline:
         pri = load_stage(prior, which=which, stage="prior") if prior else None
         ups = [load_stage(p, which=which, stage="upsampler") for p in (upsamplers or [])]
         clip_model = load_pipeline_clip(clip, dec)
+        # raw CLIP projections (Karlo's stages) vs unit-norm embeddings: the CLIP must give what the stages read
+        stored = ((getattr(dec, "clip", None) or {}).get("loader") or {}).get("normalize", True)
+        wants = [(f"the decoder checkpoint {decoder}", bool(stored))]
+        if pri is not None:
+            wants.append((f"the prior checkpoint {prior}", getattr(pri.model, "unit_norm", True)))
+        for what, unit in wants:
+            if unit != bool(getattr(clip_model, "normalize", True)):
+                raise CheckpointError(f"{what} reads {'unit-norm CLIP embeddings' if unit else 'raw CLIP projections'}"
+                                      f" but the CLIP gives {'raw' if unit else 'unit-norm'} ones: give the CLIP "
+                                      f"normalize: {'true' if unit else 'false'} (clip.loader.normalize)")
         if not isinstance(settings, PipelineSettings):
             settings = resolve_settings(settings, pri.sample if pri is not None else None, dec.sample,
                                         [u.sample for u in ups])

@@ -143,7 +143,7 @@ def test_sample_and_init_from_on_the_converted_files(converted, tiny_clip, emoji
                       f"clip={clip}", "settings.prior.steps=3", "settings.decoder.steps=3",
                       "settings.upsamplers=[{steps: 2}]"], root)
     clip_args = [f"clip.loader.checkpoint={tiny_clip}", f"clip.embed_dim={D}", f"clip.text_width={D}",
-                 "clip.image_size=32", "clip.autotrain=false"]
+                 "clip.image_size=32", "clip.autotrain=false", "+clip.loader.normalize=false"]
     train = Command([script("train.py"), "prior=karlo", *KARLO_PRIOR, "init_from=karlo/prior.pt", *clip_args,
                      *emoji_overrides(emoji_root), "prior.module.optimizer.lr=0.0", "prior.module.warmup_steps=0",
                      "prior.sample.steps=2", "trainer.max_steps=2", "run_name=finetune"], root)

@@ -25,6 +25,7 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed 
 
 from diffusers.schedulers import scheduling_unclip  # noqa: E402
 
+from unclip_pl.checkpoint import CheckpointError  # noqa: E402
 from unclip_pl.clip.frozen import FrozenCLIP  # noqa: E402
 from unclip_pl.clip.small import build_small_clip  # noqa: E402
 from unclip_pl.clip.text import encode_text_tokens  # noqa: E402
@@ -227,7 +228,7 @@ def test_converted_karlo_samples_what_the_unclip_pipeline_samples(karlo, tiny_cl
     ours = images * 0.5 + 0.5
     assert ours.shape == ref.shape == (2, 3, HIGH, HIGH)
     assert ref.std() > 0.05 and (ref[0] - ref[1]).abs().max() > 0.05   # the images carry signal
-    # measured on a 2-core AMD EPYC: 3e-6 (embeddings, of magnitude ~2) and 8e-6 (images); float32 rounding
+    # measured: 3e-6 (embeddings, of magnitude ~2) and 8e-6 (images), float32 rounding
     assert (z_i - ref_emb).abs().max() <= 1e-4, (z_i - ref_emb).abs().max()
     assert (ours - ref).abs().max() <= 1e-4, (ours - ref).abs().max()
     other = pipe.text_to_image([CAPTIONS[0], "a green tree"], 1, SEEDS) * 0.5 + 0.5
@@ -239,8 +240,13 @@ def test_converted_karlo_samples_what_the_unclip_pipeline_samples(karlo, tiny_cl
     pipe.prior.uncond = "empty_caption"
     assert (learned - ref_emb).abs().max() > 1e-2
     unit = FrozenCLIP(tiny_clip.model, model_name="unclip-tiny")
-    with pytest.raises(ValueError, match="clip.loader.normalize=false"):
+    with pytest.raises(CheckpointError, match="normalize: false"):
         project_pipeline(karlo, unit)
+    with pytest.raises(CheckpointError, match="decoder checkpoint .* raw CLIP projections"):
+        UnCLIPPipeline.from_checkpoints(clip=unit, decoder=str(karlo["files"]["decoder.pt"]))
+    with pytest.raises(ValueError, match="clip.loader.normalize=false"):
+        UnCLIPPipeline(unit, pipe.prior, pipe.decoder, settings={"decoder": {"steps": 1, "sampler": "ddpm",
+                                                                             "eta": 0.0, "guidance_scale": 1.0}})
 
 
 def test_the_converted_files_store_karlos_conditioning(karlo):
