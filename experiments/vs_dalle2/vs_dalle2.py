@@ -373,8 +373,8 @@ def cmd_score(args) -> None:
         rows.append({"clip": role, "decoder": "real images", "guidance": None, "n": len(captions), **r, "fd": 0.0})
         for name, d in zip(names, decoded):
             for run in d["runs"].values():
-                n = run["n"]
-                emb = encode_images(clip, run["images"].float())
+                n = min(run["n"], args.limit) if args.limit else run["n"]
+                emb = encode_images(clip, run["images"][:n].float())
                 r = caption_retrieval(emb, captions[:n], pool, pool_emb)
                 fd = frechet_distance_features(real_emb, emb) if n == len(captions) else None
                 rows.append({"clip": role, "decoder": name, "guidance": run["guidance"], "n": n, **r, "fd": fd,
@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clip", required=True)
     p.add_argument("--judge", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="score the first N decoded items of each run only")
     p.add_argument("--grid-items", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
