@@ -123,5 +123,5 @@ taskset -c 0 "$PY" $DRIVER score --data "$DATA" --samples "${samples[@]}" --name
 t3=$(date +%s)
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 printf '{"cpu": "%s", "cores": %d, "budget_s": %d, "precision": "%s", "load_avg_at_start": "%s", "load_avg_after_training": "%s", "train_s": %d, "decode_s": %d, "score_s": %d}\n' \
-  "$cpu" "$(nproc)" "$BUDGET_S" "$PREC" "$start_load" "$end_load" $((t1 - t0)) $((t2 - t1)) $((t3 - t2)) \
+  "$cpu" "$(nproc --all)" "$BUDGET_S" "$PREC" "$start_load" "$end_load" $((t1 - t0)) $((t2 - t1)) $((t3 - t2)) \
   | tee "$OUT/run_$NAME.json"
