@@ -189,3 +189,23 @@ def test_two_rank_gather_equals_one_big_batch(tmp_path, pad_to):
     torch.testing.assert_close(res[1]["loss"], per_row[cut:].mean().detach())
     torch.testing.assert_close(torch.cat([res[0]["gi"], res[1]["gi"]]), i.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat([res[0]["gt"], res[1]["gt"]]), t.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_stopped_to_be_resumed_keeps_its_clip_out_of_export_to(tmp_path):
+    """A signal-stopped run (the preemption callback saved it to be resumed) exports into its run directory only;
+    the shared copy (export_to) is left as it was, for the resumed run to fill when it completes."""
+    from unclip_pl.callbacks.preemption import PreemptionCheckpoint
+
+    class StopLikeASignal(PreemptionCheckpoint):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                self.saved_path = str(tmp_path / "last.ckpt")  # what _save_and_stop records
+                trainer.should_stop = True
+
+    shared = tmp_path / "cache" / "clip.pt"
+    for callbacks, exported in (([StopLikeASignal()], False), ([], True)):
+        trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, callbacks=callbacks)
+        trainer.fit(_module(tmp_path, export_to=str(shared)), DataLoader(PairSet(n=16), batch_size=4))
+        assert (tmp_path / "clip.pt").exists() and shared.exists() == exported

@@ -213,6 +213,11 @@ class PreemptionCheckpoint(pl.Callback):
         return f"{unless}; to resume, run:\n  {_this_run_command(self.run_name, path)}"
 
 
+def stopped_to_resume(trainer: pl.Trainer) -> bool:
+    """Whether this fit was stopped by a :class:`PreemptionCheckpoint` signal (saved, to be resumed), not finished."""
+    return any(isinstance(cb, PreemptionCheckpoint) and cb.saved_path for cb in trainer.callbacks)
+
+
 def requeue_slurm_job() -> bool:
     """``scontrol requeue`` this SLURM job; False (with a log line) outside SLURM or on failure."""
     job = slurm_job_id()

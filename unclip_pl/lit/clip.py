@@ -2,9 +2,10 @@
 
 Each validation epoch it embeds ALL val samples (gathered across steps and ranks), de-duplicates captions and logs
 ``val/i2t_top1``, ``val/i2t_top5``, ``val/t2i_top1``, ``val/t2i_top5`` and ``val/loss``. When fit ends, rank 0
-exports the weights with ``export_clip`` into the run directory (``export_path``) and, when asked, to ``export_to``,
-with a record of how the CLIP was trained (steps, epochs, val retrieval, data; a run shorter than
-``recommended_epochs`` is marked as a smoke test). ``load_clip(model_name, checkpoint=path)`` gives the frozen CLIP.
+exports the weights with ``export_clip`` into the run directory (``export_path``) and, when asked, to ``export_to``
+(not when a signal stopped the run to be resumed: the shared copy waits for the run that completes), with a record
+of how the CLIP was trained (steps, epochs, val retrieval, data; a run shorter than ``recommended_epochs`` is marked
+as a smoke test). ``load_clip(model_name, checkpoint=path)`` gives the frozen CLIP.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 
+from unclip_pl.callbacks.preemption import stopped_to_resume
 from unclip_pl.clip.contrastive import ContrastiveCLIP
 from unclip_pl.clip.frozen import text_tower
 from unclip_pl.clip.small import DEFAULT_SMALL, describe_training, export_clip
@@ -141,7 +143,12 @@ class CLIPModule(StageModule):
         if not self.trainer.is_global_zero:
             return
         record = self.training_record()
-        for path in (self.export_path, self.export_to):
+        paths = [self.export_path, self.export_to]
+        if self.export_to and stopped_to_resume(self.trainer):
+            # a signal stopped the run to be resumed: the shared copy waits for the run that completes
+            rank_zero_info(f"[clip] stopped to be resumed: not exporting to {self.export_to} yet")
+            paths = [self.export_path]
+        for path in paths:
             if path:
                 self.export(path, record)
                 rank_zero_info(f"[clip] exported the trained CLIP to {path} ({describe_training(record)}); later "
