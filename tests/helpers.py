@@ -78,3 +78,29 @@ def grid_size(n: int, nrow: int, side: int, pad: int = 2) -> tuple[int, int]:
     cols = min(nrow, n)
     rows = -(-n // nrow)
     return cols * (side + pad) + pad, rows * (side + pad) + pad
+
+
+# ------------------------------------------------------------------------------------ earlier code, for bit-for-bit
+def module_from_git(rev: str, path: str, name: str, out_dir: Path):
+    """Import ``path`` (a module file of this repository) as it was at commit ``rev``, under the module name
+    ``name``: tests compare a network or model with its earlier version to show a new option leaves the old
+    function unchanged. Skips the test (one line) when git or the commit is not available."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    try:
+        src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip(f"git is not available to read the earlier {path}")
+    if src.returncode != 0:
+        pytest.skip(f"commit {rev[:10]} is not in this checkout's history")
+    file = Path(out_dir) / f"{name}.py"
+    file.write_text(src.stdout)
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,15 +4,11 @@ encoding of ``""``), ``FrozenCLIP(normalize=False)``; and the defaults, bit for 
 (read from git history)."""
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import module_from_git
 from unclip_pl.clip.frozen import FrozenCLIP
 from unclip_pl.clip.small import build_small_clip
 from unclip_pl.diffusion import GaussianDiffusion, get_betas
@@ -21,26 +17,12 @@ from unclip_pl.nets.prior import PriorTransformer
 
 #: the last commit of unclip_pl/models/prior.py before the unit_norm / uncond options
 BEFORE = "f8d2c4eef96e7cbcffa66e441e91f46f01b423c7"
-ROOT = Path(__file__).resolve().parents[2]
 D, W = 16, 16
 
 
 @pytest.fixture(scope="module")
 def old_prior_module(tmp_path_factory):
-    try:
-        src = subprocess.run(["git", "show", f"{BEFORE}:unclip_pl/models/prior.py"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        pytest.skip("git is not available to read the earlier prior")
-    if src.returncode != 0:
-        pytest.skip(f"commit {BEFORE[:10]} is not in this checkout's history")
-    path = tmp_path_factory.mktemp("old") / "old_prior.py"
-    path.write_text(src.stdout)
-    spec = importlib.util.spec_from_file_location("old_prior", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["old_prior"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_git(BEFORE, "unclip_pl/models/prior.py", "old_prior", tmp_path_factory.mktemp("old"))
 
 
 def make_net(seed: int = 0) -> PriorTransformer:

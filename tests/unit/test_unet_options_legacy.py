@@ -1,37 +1,20 @@
 """The U-Net's options for other checkpoints' layouts leave the existing configs the same function: against the
 network as it was before they were added (read from git history), the same seed gives the same initial weights,
 state-dict keys and outputs, bit for bit, for the decoder, caption-pooling and upsampler shapes of the configs."""
-import importlib.util
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import module_from_git
 from unclip_pl.nets.unet import UNet
 
 #: the last commit of unclip_pl/nets/unet.py before the resblock_updown / context_proj / text_emb options
 BEFORE = "0a73ee449950a03ef570f3a803abe3ce409c7504"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def old_unet_module(tmp_path_factory):
-    try:
-        src = subprocess.run(["git", "show", f"{BEFORE}:unclip_pl/nets/unet.py"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        pytest.skip("git is not available to read the earlier U-Net")
-    if src.returncode != 0:
-        pytest.skip(f"commit {BEFORE[:10]} is not in this checkout's history")
-    path = tmp_path_factory.mktemp("old") / "old_unet.py"
-    path.write_text(src.stdout)
-    spec = importlib.util.spec_from_file_location("old_unet", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["old_unet"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_git(BEFORE, "unclip_pl/nets/unet.py", "old_unet", tmp_path_factory.mktemp("old"))
 
 
 CASES = {

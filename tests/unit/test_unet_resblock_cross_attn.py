@@ -2,40 +2,23 @@
 the context tokens): off, the network is the one before the option, bit for bit (read from git history); on, the
 CLIP embedding reaches the output through each path, masked tokens and dropped captions behave, no attention sits
 in a resampler, and a tiny decoder with it overfits one batch."""
-import importlib.util
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import module_from_git
 from unclip_pl.diffusion import GaussianDiffusion, get_betas
 from unclip_pl.models.decoder import Decoder
 from unclip_pl.nets.unet import AttentionBlock, ContextCrossAttention, Downsample, ResBlock, UNet, Upsample
 
 #: the last commit of unclip_pl/nets/unet.py before the resblock_cross_attn option
 BEFORE = "74e9eceb46ca9869a2a23a15a719457d94bbfc22"
-ROOT = Path(__file__).resolve().parents[2]
 D, W = 12, 20
 
 
 @pytest.fixture(scope="module")
 def old_unet_module(tmp_path_factory):
-    try:
-        src = subprocess.run(["git", "show", f"{BEFORE}:unclip_pl/nets/unet.py"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        pytest.skip("git is not available to read the earlier U-Net")
-    if src.returncode != 0:
-        pytest.skip(f"commit {BEFORE[:10]} is not in this checkout's history")
-    path = tmp_path_factory.mktemp("old") / "old_unet_xattn.py"
-    path.write_text(src.stdout)
-    spec = importlib.util.spec_from_file_location("old_unet_xattn", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["old_unet_xattn"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_git(BEFORE, "unclip_pl/nets/unet.py", "old_unet_xattn", tmp_path_factory.mktemp("old"))
 
 
 CASES = {
