@@ -24,8 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from benchlib import device_name, matmul_peak, sync, timed, write_section  # this folder (scripts run as files)
+from benchlib import (  # this folder (scripts run as files)
+    device_name,
+    matmul_peak,
+    prior_inputs,
+    sync,
+    time_train_step,
+    timed,
+    write_section,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from unclip_pl.models.ar_prior import ARPrior, draw, filter_logits, restrict_dot
@@ -36,15 +43,6 @@ SECTION = "## Autoregressive prior"
 HERE = Path(__file__).resolve().parent
 
 
-def make_inputs(batch: int, dim: int, text_len: int, device: torch.device, seed: int = 0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    img = F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1)
-    txt = F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1)
-    tok = torch.randn(batch, text_len, dim, device=device, generator=g)
-    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
-    return img, txt, tok, mask
-
-
 def build(args, device: torch.device) -> ARPrior:
     """The reference-shape AR prior with its codec fitted on random unit vectors (the speed does not depend on the
     codec's statistics, only on k and the vocabularies)."""
@@ -52,7 +50,7 @@ def build(args, device: torch.device) -> ARPrior:
                              num_buckets=args.buckets, num_dot_buckets=args.buckets, dim=args.width,
                              depth=args.depth, heads=args.heads, max_text_len=args.text_len)
     codec = PCACodec(args.width, args.codes, args.buckets, args.buckets)
-    img, txt, _, _ = make_inputs(args.fit_rows, args.width, 1, torch.device("cpu"), seed=2)
+    img, txt, _, _ = prior_inputs(args.fit_rows, args.width, 1, torch.device("cpu"), seed=2)
     codec.fit(img, txt, seed=0)
     return ARPrior(net, codec).to(device)
 
@@ -69,25 +67,8 @@ def bench_train(args, device: torch.device, compile_net: bool) -> dict:
                             fused=device.type == "cuda")
     if compile_net:
         model.net = torch.compile(model.net)
-    img, txt, tok, mask = make_inputs(args.batch, args.width, args.text_len, device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model.loss(img, txt, tok, mask)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # first call (compilation) outside the timing
-    flops = None
-    if not compile_net:
-        with FlopCounterMode(display=False) as counter:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model.loss(img, txt, tok, mask)["loss"]
-            loss.backward()
-        opt.zero_grad(set_to_none=True)
-        flops = counter.get_total_flops()
-    sec = timed(step, args.iters, args.warmup, device)
+    inputs = prior_inputs(args.batch, args.width, args.text_len, device)
+    sec, flops = time_train_step(model, opt, inputs, args.iters, args.warmup, device, count_flops=not compile_net)
     return {"sec": sec, "samples_s": args.batch / sec, "tokens_s": args.batch * seq_len(args) / sec, "flops": flops,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -126,7 +107,7 @@ def bench_sample(args, device: torch.device) -> dict:
 def _bench_sample(args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build(args, device).eval()
-    _, txt, tok, mask = make_inputs(args.sample_batch, args.width, args.text_len, device, seed=1)
+    _, txt, tok, mask = prior_inputs(args.sample_batch, args.width, args.text_len, device, seed=1)
     g = torch.Generator(device=device).manual_seed(0)
 
     def run(use_cache: bool):

@@ -18,8 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from benchlib import device_name, matmul_peak, timed, write_section  # this folder (scripts run as files)
+from benchlib import (  # this folder (scripts run as files)
+    device_name,
+    matmul_peak,
+    prior_inputs,
+    time_train_step,
+    timed,
+    write_section,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from unclip_pl.models.prior import DiffusionPrior
@@ -27,15 +33,6 @@ from unclip_pl.nets.prior import PriorTransformer
 
 SECTION = "## Diffusion prior"
 HERE = Path(__file__).resolve().parent
-
-
-def make_inputs(batch: int, dim: int, text_len: int, device: torch.device, seed: int = 0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    img = F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1)
-    txt = F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1)
-    tok = torch.randn(batch, text_len, dim, device=device, generator=g)
-    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
-    return img, txt, tok, mask
 
 
 def build(args, device: torch.device) -> DiffusionPrior:
@@ -52,25 +49,8 @@ def bench_train(args, device: torch.device, compile_net: bool) -> dict:
                             fused=fused)
     if compile_net:
         model.net = torch.compile(model.net)
-    img, txt, tok, mask = make_inputs(args.batch, args.width, args.text_len, device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model.loss(img, txt, tok, mask)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # first call (compilation) outside the timing
-    flops = None
-    if not compile_net:
-        with FlopCounterMode(display=False) as counter:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model.loss(img, txt, tok, mask)["loss"]
-            loss.backward()
-        opt.zero_grad(set_to_none=True)
-        flops = counter.get_total_flops()
-    sec = timed(step, args.iters, args.warmup, device)
+    inputs = prior_inputs(args.batch, args.width, args.text_len, device)
+    sec, flops = time_train_step(model, opt, inputs, args.iters, args.warmup, device, count_flops=not compile_net)
     n_params = sum(p.numel() for p in model.parameters())
     return {"sec": sec, "samples_s": args.batch / sec, "flops": flops, "params": n_params}
 
@@ -80,7 +60,7 @@ def bench_sample(args, device: torch.device, compile_net: bool) -> dict:
     model = build(args, device).eval()
     if compile_net:
         model.net.forward_cached = torch.compile(model.net.forward_cached)
-    _, txt, tok, mask = make_inputs(args.sample_batch, args.width, args.text_len, device, seed=1)
+    _, txt, tok, mask = prior_inputs(args.sample_batch, args.width, args.text_len, device, seed=1)
 
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: device naming, synced timing, a measured bf16 matmul peak, and
-rewriting one ``## Section`` of this folder's README."""
+"""Helpers shared by the benchmark scripts: device naming, synced timing, a measured bf16 matmul peak, the priors'
+random inputs and timed training step, and rewriting one ``## Section`` of this folder's README."""
 
 from __future__ import annotations
 
@@ -46,6 +46,42 @@ def matmul_peak(n: int, device: torch.device, iters: int) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     sec = timed(lambda: a @ b, iters, max(1, iters // 4), device)
     return 2 * n ** 3 / sec / 1e12
+
+
+def prior_inputs(batch: int, dim: int, text_len: int, device: torch.device, seed: int = 0):
+    """Random prior inputs: unit z_i and z_t (B, dim), caption token states (B, text_len, dim), an all-true mask."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1)
+    tok = torch.randn(batch, text_len, dim, device=device, generator=g)
+    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+    return img, txt, tok, mask
+
+
+def time_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: tuple, iters: int, warmup: int,
+                    device: torch.device, count_flops: bool) -> tuple[float, int | None]:
+    """Seconds per training step of ``model.loss(*inputs)["loss"]`` under bf16 autocast (backward + ``opt.step``),
+    after one untimed call (compilation); and, when ``count_flops`` (eager only), the model FLOPs of one forward +
+    backward counted with ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model.loss(*inputs)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    flops = None
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model.loss(*inputs)["loss"]
+            loss.backward()
+        opt.zero_grad(set_to_none=True)
+        flops = counter.get_total_flops()
+    return timed(step, iters, warmup, device), flops
 
 
 def write_section(readme: Path, section: str, body: str) -> None:
