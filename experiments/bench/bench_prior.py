@@ -153,9 +153,10 @@ def main() -> None:
     for mode, tr, tf, sm in rows:
         lines.append(f"| {mode} | {tr['samples_s']:.4g} | {1000 * tr['sec']:.4g} | {tf:.3g} | {100 * tf / peak:.1f}% | "
                      f"{sm['emb_s']:.4g} | {sm['tf']:.3g} ({100 * sm['tf'] / peak:.1f}%) |")
+    prefix, n = args.text_len + 1, args.sample_steps  # caption tokens + z_t; 3 tokens depend on the step
     lines += ["", "Sampling runs the caption/z_t prefix once per caption and then only the 3 step-dependent tokens per "
-                  "step (K/V cache, exact because the mask is causal), so 64 steps cost about 64 x 3 + 78 "
-                  "token-passes instead of 64 x 81."]
+                  f"step (K/V cache, exact because the mask is causal), so {n} steps cost about {n} x 3 + {prefix} "
+                  f"token-passes instead of {n} x {prefix + 3}."]
     if not gpu:
         lines += ["", "CPU numbers are indicative only: the run took "
                       f"{time.perf_counter() - t_start:.0f} s on a shared "
