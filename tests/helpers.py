@@ -104,3 +104,17 @@ def module_from_git(rev: str, path: str, name: str, out_dir: Path):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def randomize_weights(model, std: float = 0.05):
+    """Re-initialise every weight of ``model`` (the zero-initialised output layers included; norms kept) from
+    N(0, std^2), seeded, so that every path of a network carries signal in a test. Returns the model."""
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or (p.ndim == 1 and name.endswith("weight")):
+                continue
+            p.normal_(0, std)
+    return model

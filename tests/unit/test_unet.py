@@ -2,18 +2,8 @@
 import pytest
 import torch
 
+from tests.helpers import randomize_weights as randomize
 from unclip_pl.nets.unet import AttentionBlock, UNet
-
-
-def randomize(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Re-initialise every weight (including the zero-initialised output layers) so every path carries signal."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or (p.ndim == 1 and name.endswith("weight")):
-                continue
-            p.normal_(0, std)
-    return model
 
 
 def tiny_decoder_unet(**kw):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import module_from_git
+from tests.helpers import randomize_weights as randomize
 from unclip_pl.diffusion import GaussianDiffusion, get_betas
 from unclip_pl.models.decoder import Decoder
 from unclip_pl.nets.unet import AttentionBlock, ContextCrossAttention, Downsample, ResBlock, UNet, Upsample
@@ -60,16 +61,6 @@ def test_option_off_is_the_network_before_it_bit_for_bit(old_unet_module, case, 
         p_old.normal_(0, 0.05)
         p_new.copy_(p_old)
     assert torch.equal(old(x, t, **cond), new(x, t, **cond))
-
-
-def randomize(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or (p.ndim == 1 and name.endswith("weight")):
-                continue
-            p.normal_(0, std)
-    return model
 
 
 def xattn_unet(**kw):
