@@ -36,8 +36,8 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_loader import _cpu_model, _cpu_seconds  # noqa: E402
-from benchlib import write_section  # noqa: E402
+from bench_loader import _cpu_model  # noqa: E402
+from benchlib import loader_rates, write_section  # noqa: E402
 
 from unclip_pl.data.embedding_folder import EmbeddingBatches, EmbeddingFolder, split_folder  # noqa: E402
 
@@ -110,23 +110,14 @@ def memmap_dataset(root: Path, batch_size: int, tokenizer, tokens: bool = True) 
 def measure(make, workers: int, min_samples: int) -> tuple[float, float]:
     """(wall samples/s, samples per CPU-second of the loading processes) over whole passes of >= min_samples,
     excluding the first batch."""
-    n, t0, c0, pids = 0, None, None, []
     # persistent workers: still alive after the pass, so their CPU time can be read
     loader = DataLoader(make(), batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         prefetch_factor=2 if workers else None)
-    while n < min_samples:
-        it = iter(loader)
-        for b in it:
-            assert b["img_emb"].dtype == torch.float32 and b["img_emb"].shape[1] == D
-            if t0 is None:
-                pids = [p.pid for p in getattr(it, "_workers", [])]
-                t0, c0 = time.perf_counter(), (_cpu_seconds(pids) if pids else time.process_time())
-                continue
-            n += b["img_emb"].shape[0]
-    dt = time.perf_counter() - t0
-    cpu = (_cpu_seconds(pids) if pids else time.process_time()) - c0
-    del it, loader
-    return n / dt, n / cpu
+
+    def check(b: dict) -> None:
+        assert b["img_emb"].dtype == torch.float32 and b["img_emb"].shape[1] == D
+
+    return loader_rates(loader, min_samples, "img_emb", check)
 
 
 def main() -> None:

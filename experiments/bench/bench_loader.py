@@ -17,7 +17,6 @@ import platform
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,8 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import loader_rates  # noqa: E402  (this folder: scripts run as files)
 
 from unclip_pl.data.pipeline import TrainOrder, build_pipeline  # noqa: E402
 from unclip_pl.data.writer import write_shards  # noqa: E402
@@ -66,17 +67,6 @@ def make_synthetic(out: Path, n: int, size: int, fmt: str, shards: int = 8) -> l
     return write_shards(samples, out, maxcount=-(-n // shards))
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of live processes (from /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
 def measure(urls, image_size: int, workers: int, batch_size: int = 64, min_samples: int = 2000):
     """Returns (wall samples/s, samples per CPU-second per worker) over whole passes (>= ``min_samples``),
     excluding the first batch (start-up).
@@ -88,20 +78,7 @@ def measure(urls, image_size: int, workers: int, batch_size: int = 64, min_sampl
                         order=TrainOrder(shuffle_buffer=1000))
     loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None)
-    n, t0, c0, it = 0, None, None, None
-    pids: list[int] = []
-    while n < min_samples:
-        it = iter(loader)
-        for b in it:
-            if t0 is None:  # start-up (worker spawn, first batch) not timed
-                pids = [w.pid for w in getattr(it, "_workers", [])]
-                t0, c0 = time.perf_counter(), (_cpu_seconds(pids) if pids else time.process_time())
-                continue
-            n += b["image"].shape[0]
-    dt = time.perf_counter() - t0
-    cpu = (_cpu_seconds(pids) if pids else time.process_time()) - c0
-    del it, loader
-    return n / dt, n / cpu
+    return loader_rates(loader, min_samples, "image")
 
 
 def _cpu_model() -> str:

@@ -3,6 +3,7 @@ random inputs and timed training step, and rewriting one ``## Section`` of this 
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import time
@@ -82,6 +83,45 @@ def time_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: 
         opt.zero_grad(set_to_none=True)
         flops = counter.get_total_flops()
     return timed(step, iters, warmup, device), flops
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of live processes (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def loader_rates(loader, min_samples: int, count_key: str, check=None) -> tuple[float, float]:
+    """(wall samples/s, samples per CPU-second of the loading processes) of a ``DataLoader`` over whole passes of at
+    least ``min_samples`` (counted by ``batch[count_key]``), the first batch (start-up, worker spawn) not timed.
+
+    CPU time is what the loading processes used (the main process with no workers, else the workers: give the
+    loader ``persistent_workers=True`` so they are alive to be read), i.e. what one worker delivers with a core of
+    its own, whatever else runs on the machine. ``check(batch)``, if given, runs on every batch (e.g. dtype asserts)."""
+    n, t0, c0, it = 0, None, None, None
+    pids: list[int] = []
+
+    def cpu() -> float:
+        return cpu_seconds(pids) if pids else time.process_time()
+
+    while n < min_samples:
+        it = iter(loader)
+        for b in it:
+            if check is not None:
+                check(b)
+            if t0 is None:
+                pids = [w.pid for w in getattr(it, "_workers", [])]
+                t0, c0 = time.perf_counter(), cpu()
+                continue
+            n += b[count_key].shape[0]
+    dt, used = time.perf_counter() - t0, cpu() - c0
+    del it
+    return n / dt, n / used
 
 
 def write_section(readme: Path, section: str, body: str) -> None:
