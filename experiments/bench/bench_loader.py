@@ -14,7 +14,6 @@ import argparse
 import io
 import os
 import platform
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import loader_rates  # noqa: E402  (this folder: scripts run as files)
+from benchlib import loader_rates, write_section  # noqa: E402  (this folder: scripts run as files)
 
 from unclip_pl.data.pipeline import TrainOrder, build_pipeline  # noqa: E402
 from unclip_pl.data.writer import write_shards  # noqa: E402
@@ -91,16 +90,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_section(text: str) -> None:
-    old = README.read_text() if README.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text, old)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    README.write_text(new)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small run, print only")
@@ -132,8 +121,6 @@ def main() -> None:
     cpu = f"{os.cpu_count()}-core CPU ({_cpu_model()})"
     load = os.getloadavg()
     lines = [
-        SECTION,
-        "",
         f"`python experiments/bench/bench_loader.py` on a {cpu}, torch {torch.__version__.split('+')[0]}, "
         f"batch 64, the training pipeline of `unclip_pl.data.pipeline.build_pipeline` (shard + sample shuffle, "
         f"tar parsing, decode, shorter-side resize, crop, normalise to [-1, 1] float32). Workers = DataLoader "
@@ -154,9 +141,9 @@ def main() -> None:
     lines += ["", NOTE, ""]
     text = "\n".join(lines) + "\n"
     if args.quick:
-        print(text)
+        print(f"{SECTION}\n\n{text}")
     else:
-        write_section(text)
+        write_section(README, SECTION, text)
         print(f"wrote {README}")
 
 
