@@ -160,6 +160,39 @@ def test_training_loss_zero_for_exact_target(target):
     assert torch.allclose(wrong["mse"], torch.ones(4))
 
 
+def test_min_snr_weight_is_one_x0_space_weight_for_every_target():
+    """Min-SNR-gamma: for the same x0 estimate, the weighted loss of every target is min(SNR_t, gamma) times the
+    x0-space squared error, and the plain MSE is left unweighted."""
+    gamma = 5.0
+    torch.manual_seed(0)
+    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 5, 100, 400, 800, 999])
+    x0_hat = x0 + 0.3 * torch.randn_like(x0)
+    ref = GaussianDiffusion(get_betas("cosine", 1000))
+    abar = ref.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    x0_err = ((x0_hat - x0) ** 2).reshape(6, -1).mean(1)
+    expected = snr.clamp(max=gamma) * x0_err
+    assert (snr > gamma).any() and (snr < gamma).any()     # both sides of the cap are exercised
+    for target in TARGETS:
+        d = GaussianDiffusion(get_betas("cosine", 1000), target=target, loss_weight="min_snr", min_snr_gamma=gamma)
+        a, s = abar.sqrt()[:, None, None, None], (1 - abar).sqrt()[:, None, None, None]
+        xt = a * x0 + s * noise
+        eps_hat = (xt - a * x0_hat) / s
+        pred = {"eps": eps_hat, "x0": x0_hat, "v": a * eps_hat - s * x0_hat}[target]
+        losses = d.training_losses(lambda x, tt, p=pred: p, x0, t, noise=noise)
+        assert torch.allclose(losses["loss"], expected, rtol=1e-3, atol=1e-6), target
+        plain = GaussianDiffusion(get_betas("cosine", 1000), target=target).training_losses(
+            lambda x, tt, p=pred: p, x0, t, noise=noise)
+        assert torch.allclose(losses["mse"], plain["mse"]) and torch.equal(plain["loss"], plain["mse"])
+    assert d.respaced(10).loss_weight == "min_snr"
+    with pytest.raises(ValueError, match="min_snr"):
+        GaussianDiffusion(get_betas("cosine", 10), loss_weight="snr")
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        GaussianDiffusion(get_betas("cosine", 10), loss_weight="min_snr", min_snr_gamma=0)
+
+
 def test_hybrid_loss_finite_and_vb_stops_mean_gradient():
     d = GaussianDiffusion(get_betas("cosine", 1000), learn_sigma=True, loss="hybrid")
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from .respace import space_timesteps
 TARGETS = ("eps", "x0", "v")
 LOSSES = ("mse", "hybrid")
 FIXED_VARS = ("small", "large")
+LOSS_WEIGHTS = ("none", "min_snr")
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -53,16 +54,27 @@ class GaussianDiffusion:
         loss: "mse" (on the target) or "hybrid" (mse + VLB term for the variance, needs learn_sigma).
         timestep_map: (T,) original timestep index of each step (set by `respaced`); None = identity.
         fixed_var: variance used when not learn_sigma: "small" = posterior variance beta~_t, "large" = beta_t.
+        loss_weight: per-sample weight of the target MSE. "none": 1 (the plain DDPM objective). "min_snr":
+            Min-SNR-gamma (Hang et al. 2023), the x0-space weight min(SNR_t, gamma) expressed for the target:
+            min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0, with
+            SNR_t = abar_t / (1 - abar_t). It caps the weight of the nearly clean steps, which dominate x0-space
+            error but teach little, so training spends more of its signal on the noisy steps that set the layout.
+        min_snr_gamma: gamma of "min_snr" (the paper's 5).
     """
 
     def __init__(self, betas, target: str = "eps", learn_sigma: bool = False, loss: str = "mse",
-                 timestep_map=None, fixed_var: str = "small"):
+                 timestep_map=None, fixed_var: str = "small", loss_weight: str = "none",
+                 min_snr_gamma: float = 5.0):
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; valid choices: {', '.join(TARGETS)}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid choices: {', '.join(LOSSES)}")
         if fixed_var not in FIXED_VARS:
             raise ValueError(f"unknown fixed_var {fixed_var!r}; valid choices: {', '.join(FIXED_VARS)}")
+        if loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"unknown loss_weight {loss_weight!r}; valid choices: {', '.join(LOSS_WEIGHTS)}")
+        if loss_weight != "none" and float(min_snr_gamma) <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         if (loss == "hybrid") != bool(learn_sigma):
             raise ValueError("loss='hybrid' and learn_sigma=True go together: the learned variance is trained "
                              "only by the VLB term of the hybrid loss")
@@ -70,6 +82,7 @@ class GaussianDiffusion:
         if betas.numel() < 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a non-empty 1-d tensor with values in (0, 1]")
         self.target, self.learn_sigma, self.loss_type, self.fixed_var = target, bool(learn_sigma), loss, fixed_var
+        self.loss_weight, self.min_snr_gamma = loss_weight, float(min_snr_gamma)
         self.num_steps = T = betas.numel()
         if timestep_map is None:
             self.timestep_map = None
@@ -105,13 +118,14 @@ class GaussianDiffusion:
             "post_coef_xt": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
             "large_var": large_var,
             "large_log_var": torch.log(large_var),
+            "snr": abar / (1 - abar),
         }
         self._device_cache: dict = {}
 
     def __repr__(self):
         return (f"GaussianDiffusion(num_steps={self.num_steps}, target={self.target!r}, "
                 f"learn_sigma={self.learn_sigma}, loss={self.loss_type!r}, fixed_var={self.fixed_var!r}, "
-                f"respaced={self.timestep_map is not None})")
+                f"loss_weight={self.loss_weight!r}, respaced={self.timestep_map is not None})")
 
     # ------------------------------------------------------------------ coefficient lookup
     def _table(self, name: str, device, dtype) -> torch.Tensor:
@@ -296,7 +310,7 @@ class GaussianDiffusion:
         with torch.autocast(device_type=x0.device.type, enabled=False):
             target = self.training_target(x0.float(), noise.float(), t)
             mse = mean_flat((out.float() - target) ** 2)
-            terms = {"mse": mse, "loss": mse}
+            terms = {"mse": mse, "loss": mse * self.mse_weight(t) if self.loss_weight != "none" else mse}
             if self.loss_type == "hybrid":
                 x0f, xtf = x0.float(), xt.float()
                 pred_x0 = self.predict_x0(out.detach().float(), xtf, t)        # stop-gradient on the mean
@@ -304,8 +318,20 @@ class GaussianDiffusion:
                 _, log_var = self.p_variance(xtf, t, var_out.float())
                 vb = self.vb_terms_bpd(x0f, xtf, t, mean, log_var)
                 terms["vb"] = vb
-                terms["loss"] = mse + vb * (self.num_steps / 1000.0)
+                terms["loss"] = terms["loss"] + vb * (self.num_steps / 1000.0)
         return terms
+
+    def mse_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight (B,) float32 of the target MSE at step indices t (B,) (see ``loss_weight``)."""
+        snr = self._table("snr", t.device, torch.float32)[t]
+        if self.loss_weight == "none":
+            return torch.ones_like(snr)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        if self.target == "eps":
+            return capped / snr
+        if self.target == "v":
+            return capped / (snr + 1)
+        return capped
 
     # ------------------------------------------------------------------ respacing
     def respaced(self, steps) -> "GaussianDiffusion":
@@ -324,7 +350,8 @@ class GaussianDiffusion:
         betas = 1 - abar / prev
         base_map = self.timestep_map if self.timestep_map is not None else torch.arange(self.num_steps)
         new = GaussianDiffusion(betas, target=self.target, learn_sigma=self.learn_sigma, loss=self.loss_type,
-                                timestep_map=base_map[keep], fixed_var=self.fixed_var)
+                                timestep_map=base_map[keep], fixed_var=self.fixed_var,
+                                loss_weight=self.loss_weight, min_snr_gamma=self.min_snr_gamma)
         new._setup(betas, abar)          # exact original alphas_cumprod (no round-off from re-multiplying)
         self._respaced_cache[key] = new
         return new
