@@ -8,6 +8,8 @@
 #   BUDGET_S (2400)        training seconds of each decoder
 #   CLIP, JUDGE            the conditioning CLIP and the judge (exported CLIP files; copied into the run first)
 #   VS_DALLE2_PYTHON       a Python with dalle2-pytorch (`pip install -e .[vs_dalle2]`); default: python
+#   EXPERIMENT (vs_dalle2) this project's decoder: conf/experiment/vs_dalle2.yaml, or one of its ablation files
+#                          (e.g. vs_dalle2/min_snr)
 #   NAME (unclip_pl)       this project's run name; UNCLIP_OVERRIDES: extra train.py overrides for it, e.g.
 #                          decoder.module.model.unet.resblock_cross_attn=true
 #   SKIP_DALLE2=1          train and decode only this project's decoder (a DALLE2-pytorch run of the same RUNS is
@@ -27,6 +29,7 @@ JUDGE=${JUDGE:-logs/ar_vs_diffusion/runs/judge/clip.pt}
 PY=${PY:-python}
 D2_PY=${VS_DALLE2_PYTHON:-python}
 NAME=${NAME:-unclip_pl}
+EXPERIMENT=${EXPERIMENT:-vs_dalle2}
 BATCH=${BATCH:-64}
 MAX_STEPS=${MAX_STEPS:-0}
 WARMUP=${WARMUP:-100}
@@ -77,11 +80,10 @@ t0=$(date +%s)
 # inside the budget (DALLE2-pytorch's loop has none either).
 set -f  # the overrides hold brackets (lists), not file patterns
 # shellcheck disable=SC2086
-on_core 0 "$RUNS/train_$NAME.log" "$PY" train.py decoder=base_cliptext clip.loader.checkpoint="$CLIP" \
-  clip.autotrain=false task_name=vs_dalle2 run_name="$NAME" hydra.run.dir="$RUNS/$NAME" seed=0 data.batch_size="$BATCH" \
-  data.num_workers=0 trainer.max_time="$MAX_TIME" trainer.max_steps="$UNCLIP_STEPS" trainer.precision="$PRECISION" \
-  trainer.limit_val_batches=0 decoder.module.warmup_steps="$WARMUP" decoder.module.optimizer.lr="$LR" \
-  data.root="$DATA_ROOT" ${UNCLIP_OVERRIDES:-}
+on_core 0 "$RUNS/train_$NAME.log" "$PY" train.py experiment="$EXPERIMENT" clip.loader.checkpoint="$CLIP" \
+  run_name="$NAME" hydra.run.dir="$RUNS/$NAME" data.batch_size="$BATCH" trainer.max_time="$MAX_TIME" \
+  trainer.max_steps="$UNCLIP_STEPS" trainer.precision="$PRECISION" decoder.module.warmup_steps="$WARMUP" \
+  decoder.module.optimizer.lr="$LR" data.root="$DATA_ROOT" ${UNCLIP_OVERRIDES:-}
 # [core 1] DALLE2-pytorch's decoder from the same tensors in memory
 if [ "${SKIP_DALLE2:-0}" != 1 ]; then
   on_core 1 "$RUNS/train_dalle2.log" "$D2_PY" $DRIVER train-dalle2 --data "$DATA" --out "$RUNS/dalle2" \
@@ -108,6 +110,14 @@ if [ "${SKIP_DALLE2:-0}" != 1 ]; then
     --out "$RUNS/dalle2/samples.pt" "${DEC[@]}"
 fi
 wait_all || { echo "vs_dalle2: decoding failed; see $RUNS/decode_*.log" >&2; exit 1; }
+# The conditioning probe: noise-prediction error on every val item with its own, another item's and no conditioning.
+on_core 0 "$RUNS/probe_$NAME.log" "$PY" $DRIVER probe --kind unclip_pl --ckpt "$RUNS/$NAME/checkpoints/last.ckpt" \
+  --data "$DATA" --out "$RUNS/$NAME/probe.json" --precision "$PREC"
+if [ "${SKIP_DALLE2:-0}" != 1 ]; then
+  on_core 1 "$RUNS/probe_dalle2.log" "$D2_PY" $DRIVER probe --kind dalle2 --ckpt "$RUNS/dalle2/dalle2.pt" \
+    --data "$DATA" --out "$RUNS/dalle2/probe.json" --precision "$PREC"
+fi
+wait_all || { echo "vs_dalle2: the probe failed; see $RUNS/probe_*.log" >&2; exit 1; }
 t2=$(date +%s)
 
 # Scoring: every decoded run of RUNS (this one, and any other of the same RUNS), both CLIPs.

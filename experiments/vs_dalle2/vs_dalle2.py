@@ -285,21 +285,29 @@ def check_same_schedule(diffusion, noise_scheduler) -> None:
         fail("DALLE2-pytorch's noise schedule is not this project's cosine schedule: one sampler cannot decode both")
 
 
-def load_decoder(kind: str, ckpt: str):
-    """-> (kind, model, summary): this project's Decoder (EMA weights) or DALLE2-pytorch's Unet (EMA weights)."""
+def load_decoder(kind: str, ckpt: str, weights: str = "ema"):
+    """-> (model, summary): this project's Decoder or DALLE2-pytorch's Unet, with its EMA weights (``weights="ema"``)
+    or the trained weights themselves ("raw"). The summary says which, the steps and the caption input."""
     if kind == "unclip_pl":
         from unclip_pl.checkpoint import load_stage
 
-        st = load_stage(ckpt, stage="decoder")
-        if st.cfg.get("text_source") != "clip":
-            fail(f"{ckpt}: the comparison needs a decoder on the CLIP's caption states (decoder=base_cliptext)")
+        st = load_stage(ckpt, which="ema" if weights == "ema" else "model", stage="decoder")
         obj = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        return st.model, {"steps": int(obj.get("global_step", 0))}
+        return st.model, {"steps": int(obj.get("global_step", 0)), "weights": weights,
+                          "text_source": st.cfg.get("text_source", "own")}
     obj = torch.load(ckpt, map_location="cpu", weights_only=False)
     decoder, unet = build_dalle2(obj["config"])
-    unet.load_state_dict(obj["ema"])
+    unet.load_state_dict(obj["ema" if weights == "ema" else "model"])
     unet.eval().requires_grad_(False)
-    return (unet, decoder.noise_schedulers[0]), {"steps": obj["steps"]}
+    return (unet, decoder.noise_schedulers[0]), {"steps": obj["steps"], "weights": weights, "text_source": "clip"}
+
+
+def caption_tokens(data: dict, captions: list[str]) -> torch.Tensor:
+    """Token ids (N, L) of ``captions`` from the conditioning CLIP's tokenizer, for a decoder with its own caption
+    encoder (decoder=base), which reads tokens where the others read the CLIP's caption states."""
+    from unclip_pl.clip.frozen import load_clip
+
+    return load_clip("unclip-tiny", checkpoint=data["clip"]["path"]).tokenize(list(captions))
 
 
 @torch.no_grad()
@@ -310,14 +318,18 @@ def cmd_decode(args) -> None:
     data = torch.load(args.data, weights_only=False)
     va = data["val"]
     S = int(data["image_size"])
-    model, info = load_decoder(args.kind, args.ckpt)
+    model, info = load_decoder(args.kind, args.ckpt, args.weights)
     diffusion = GaussianDiffusion(get_betas("cosine", 1000))
     if args.kind == "dalle2":
         unet, noise_scheduler = model
         check_same_schedule(diffusion, noise_scheduler)
+    tokens = caption_tokens(data, va["captions"]) if info["text_source"] == "own" else None
     n_all = len(va["captions"])
     runs = {}
-    for guidance, limit in ((args.guidance, args.limit), (1.0, args.unguided_limit)):
+    settings = [(g, args.limit) for g in args.guidance]
+    if 1.0 not in args.guidance:
+        settings.append((1.0, args.unguided_limit))
+    for guidance, limit in settings:
         n = n_all if limit is None else min(limit, n_all)
         if n <= 0:
             continue
@@ -328,7 +340,9 @@ def cmd_decode(args) -> None:
             emb, states, mask = va["img_emb"][idx].float(), va["states"][idx].float(), va["mask"][idx]
             x_T = initial_noise((len(idx), 3, S, S), "cpu", seeds=idx, stage="decoder")   # seed = item index
             with autocast(args.precision):
-                if args.kind == "unclip_pl":
+                if args.kind == "unclip_pl" and tokens is not None:
+                    x = model.sample(emb, tokens[idx], guidance_scale=guidance, x_T=x_T, **SAMPLER)
+                elif args.kind == "unclip_pl":
                     x = model.sample(emb, text=(states, mask), guidance_scale=guidance, x_T=x_T, **SAMPLER)
                 else:
                     x = sample_ddim(diffusion, dalle2_model_fn(unet, emb, states, guidance), x_T, SAMPLER["steps"],
@@ -340,6 +354,84 @@ def cmd_decode(args) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"kind": args.kind, "ckpt": str(args.ckpt), "sampler": SAMPLER, "precision": args.precision,
                 "runs": runs, **info}, args.out)
+
+
+# ------------------------------------------------------------------------------------------------------------- probe
+PROBE_T = (100, 300, 500, 700, 900)    # fixed timesteps of the conditioning probe, every val item at each
+
+
+def probe_fn(kind: str, model, data: dict, idx: list[int]):
+    """-> predict(xt, t, condition) -> eps for the val items ``idx``, under one of the probe's conditions: "full"
+    (z_i and caption), "clip" (z_i, no caption), "none" (null z_i, no caption), "wrong" (another item's z_i and
+    caption: the next item in ``idx``)."""
+    va = data["val"]
+    emb, states, mask = va["img_emb"][idx].float(), va["states"][idx].float(), va["mask"][idx]
+    roll = lambda v: torch.roll(v, 1, dims=0)   # noqa: E731
+    if kind == "dalle2":
+        unet = model[0]
+
+        def predict(xt, t, condition):
+            e, s = (roll(emb), roll(states)) if condition == "wrong" else (emb, states)
+            drop_img = 1.0 if condition == "none" else 0.0
+            drop_txt = 1.0 if condition in ("clip", "none") else 0.0
+            return unet(xt, t, image_embed=e, text_encodings=s, image_cond_drop_prob=drop_img,
+                        text_cond_drop_prob=drop_txt)
+        return predict
+    text = (states, mask) if model.text_encoder is None else None
+    tokens = caption_tokens(data, [va["captions"][i] for i in idx]) if text is None else None
+    context, cmask = model.encode_text(tokens, text)
+
+    def predict(xt, t, condition):
+        e, c, m = emb, context, cmask
+        if condition == "wrong":
+            e, c, m = roll(emb), roll(context), roll(cmask)
+        if condition in ("clip", "none"):
+            m = torch.zeros_like(cmask)
+        if condition == "none":
+            e = model.null_clip_emb(len(idx)).to(emb.dtype)
+        out, _ = model.diffusion.split_output(model.unet(xt, t, **model.cond_kwargs(e, c, m)))
+        return model.diffusion.predict_eps(out.float(), xt.float(), t)   # eps from whatever target it predicts
+    return predict
+
+
+@torch.no_grad()
+def cmd_probe(args) -> None:
+    """Noise-prediction MSE on every val item at the fixed timesteps PROBE_T (noise seeded by item and step), under
+    each conditioning: how much of its error the decoder removes with z_i and the caption, and whether it is the
+    item's own conditioning that helps (against another item's). Works for both kinds; no sampling."""
+    from unclip_pl.diffusion import GaussianDiffusion, get_betas
+
+    torch.set_num_threads(args.threads)
+    data = torch.load(args.data, weights_only=False)
+    va = data["val"]
+    n = len(va["captions"]) if args.limit is None else min(args.limit, len(va["captions"]))
+    model, info = load_decoder(args.kind, args.ckpt, args.weights)
+    diffusion = GaussianDiffusion(get_betas("cosine", 1000))
+    conditions = ("full", "clip", "none", "wrong")
+    sums = {(c, t): 0.0 for c in conditions for t in PROBE_T}
+    for i in range(0, n, args.batch_size):
+        idx = list(range(i, min(n, i + args.batch_size)))
+        x0 = va["images"][idx].float() / 127.5 - 1.0
+        predict = probe_fn(args.kind, model, data, idx)
+        for step in PROBE_T:
+            g = torch.Generator().manual_seed(10_000 * step + i)
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.full((len(idx),), step, dtype=torch.long)
+            xt = diffusion.q_sample(x0, t, noise)
+            for c in conditions:
+                with autocast(args.precision):
+                    eps = predict(xt, t, c).float()
+                sums[(c, step)] += ((eps - noise) ** 2).mean(dim=(1, 2, 3)).sum().item()
+    mse = {c: {str(t): sums[(c, t)] / n for t in PROBE_T} for c in conditions}
+    mean = {c: sum(v.values()) / len(PROBE_T) for c, v in mse.items()}
+    out = {"kind": args.kind, "ckpt": str(args.ckpt), "n": n, "timesteps": list(PROBE_T), "mse": mse,
+           "mean": mean, "gain_vs_none": 1 - mean["full"] / mean["none"],
+           "gain_vs_wrong": 1 - mean["full"] / mean["wrong"], **info}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"[probe {args.kind}] {n} val items, t in {PROBE_T}: MSE full {mean['full']:.4f}, z_i only "
+          f"{mean['clip']:.4f}, none {mean['none']:.4f}, wrong item's {mean['wrong']:.4f}; conditioning removes "
+          f"{out['gain_vs_none']:.1%} of the unconditional error, own vs wrong {out['gain_vs_wrong']:.1%}")
 
 
 # ------------------------------------------------------------------------------------------------------------- score
@@ -355,6 +447,7 @@ def load_scoring_clips(clip_path: str, judge_path: str):
 def cmd_score(args) -> None:
     from unclip_pl.metrics.clip_score import caption_retrieval, encode_captions, encode_images, unique_captions
     from unclip_pl.metrics.fid import frechet_distance_features
+    from unclip_pl.metrics.retrieval import retrieval_topk
 
     torch.set_num_threads(args.threads)
     data = torch.load(args.data, weights_only=False)
@@ -376,32 +469,58 @@ def cmd_score(args) -> None:
                 n = min(run["n"], args.limit) if args.limit else run["n"]
                 emb = encode_images(clip, run["images"][:n].float())
                 r = caption_retrieval(emb, captions[:n], pool, pool_emb)
+                # Does the decoded image retrieve the val image whose z_i it was decoded from, among all val images?
+                # Unlike caption retrieval, real images score 1 here: it measures the decoder alone.
+                ri = retrieval_topk(emb, real_emb, torch.arange(n))
                 fd = frechet_distance_features(real_emb, emb) if n == len(captions) else None
-                rows.append({"clip": role, "decoder": name, "guidance": run["guidance"], "n": n, **r, "fd": fd,
-                             "steps": d.get("steps")})
+                rows.append({"clip": role, "decoder": name, "guidance": run["guidance"], "n": n, **r,
+                             "img_top1": ri["top1"], "img_top5": ri["top5"], "fd": fd, "steps": d.get("steps"),
+                             "weights": d.get("weights", "ema")})
     info = {"sampler": decoded[0]["sampler"] if decoded else SAMPLER, "pool_size": len(pool),
             "val_items": len(captions), "clip": data["clip"],
             "judge": {"path": str(args.judge), "fingerprint": clips["judge"].fingerprint},
             "train": [json.loads(Path(p).read_text()) for p in (args.train_info or [])]}
+    # the conditioning probe of each decoder, when it ran (probe.json beside its samples)
+    probes = {name: json.loads((Path(p).parent / "probe.json").read_text()) for name, p in zip(names, args.samples)
+              if (Path(p).parent / "probe.json").exists()}
+    info["probes"] = probes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"rows": rows, **info}, indent=1))
-    (out / "results.md").write_text(table(rows, len(pool)))
-    print(table(rows, len(pool)))
+    text = table(rows, len(pool), len(captions)) + probe_table(probes)
+    (out / "results.md").write_text(text)
+    print(text)
     if decoded:
         grid(real, [(n, d) for n, d in zip(names, decoded)], out / "grid.png", args.grid_items)
 
 
-def table(rows: list[dict], pool: int) -> str:
-    lines = ["| scored by | decoder | guidance | items | top-1 | top-5 | CLIP-space FD to real |",
-             "|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], pool: int, val_items: int) -> str:
+    lines = ["| scored by | decoder | guidance | items | caption top-1 | caption top-5 | image top-1 | image top-5 | "
+             "CLIP-space FD to real |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fd = "" if r["fd"] is None else f"{r['fd']:.3f}"
         g = "" if r["guidance"] is None else f"{r['guidance']:g}"
+        img = (f"{r['img_top1']:.3f} | {r['img_top5']:.3f}" if "img_top1" in r else "1 | 1")
         lines.append(f"| {r['clip']} CLIP | {r['decoder']} | {g} | {r['n']} | {r['top1']:.3f} | {r['top5']:.3f} | "
-                     f"{fd} |")
-    lines.append(f"\nRetrieval pool: the {pool} distinct val captions (chance: top-1 {1 / pool:.3f}, top-5 "
-                 f"{5 / pool:.3f}).")
+                     f"{img} | {fd} |")
+    lines.append(f"\nCaption retrieval: among the {pool} distinct val captions (chance: top-1 {1 / pool:.3f}, top-5 "
+                 f"{5 / pool:.3f}). Image retrieval: the decoded image retrieves the val image whose z_i it was "
+                 f"decoded from, among all {val_items} val images (chance: top-1 {1 / val_items:.3f}, top-5 "
+                 f"{5 / val_items:.3f}).")
+    return "\n".join(lines) + "\n"
+
+
+def probe_table(probes: dict) -> str:
+    if not probes:
+        return ""
+    lines = ["", "| decoder | probe MSE: own z_i + caption | z_i only | null z_i, no caption | another item's | "
+             "conditioning removes | own vs another item's |", "|---|---|---|---|---|---|---|"]
+    for name, p in probes.items():
+        m = p["mean"]
+        lines.append(f"| {name} | {m['full']:.4f} | {m['clip']:.4f} | {m['none']:.4f} | {m['wrong']:.4f} | "
+                     f"{p['gain_vs_none']:.1%} | {p['gain_vs_wrong']:.1%} |")
+    n = next(iter(probes.values()))["n"]
+    lines.append(f"\nProbe: eps MSE on {n} val items at t in {PROBE_T} (seeded noise, no sampling).")
     return "\n".join(lines) + "\n"
 
 
@@ -415,6 +534,56 @@ def grid(real: torch.Tensor, decoded: list, path: Path, items: int) -> None:
         rows.append(run["images"][:items].float())
     n = min(r.shape[0] for r in rows)
     save_image(torch.cat([r[:n] for r in rows]) * 0.5 + 0.5, path, nrow=n, padding=1)
+
+
+# ---------------------------------------------------------------------------------------------------- ablation-table
+def cmd_ablation_table(args) -> None:
+    """One row per ablation run: steps and img/s in the budget, the conditioning probe, and the guided decodings'
+    retrieval under both CLIPs (from ``score``'s results.json); the baseline's other guidance scales and its raw
+    weights follow as rows of their own."""
+    res = json.loads(Path(args.results).read_text())
+    by = {}
+    for r in res["rows"]:
+        by[(r["decoder"], r["guidance"], r["clip"])] = r
+    head = ("| run | steps | img/s | probe MSE (full) | conditioning removes | own vs wrong item | "
+            "caption top-5, cond. / judge | image top-5, cond. / judge |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+
+    def cells(name: str, guidance: float) -> str:
+        c, j = by.get((name, guidance, "conditioning")), by.get((name, guidance, "judge"))
+        if c is None or j is None:
+            return "| |"
+        return f"{c['top5']:.3f} / {j['top5']:.3f} | {c['img_top5']:.3f} / {j['img_top5']:.3f} |"
+
+    for name in args.names:
+        run = next(Path(args.runs).glob(f"*/{name}"), Path(args.runs) / name)   # <runs>/core<c>/<name>
+        ck = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False, mmap=True)
+        steps = int(ck.get("global_step", 0))
+        pr = json.loads((run / "probe.json").read_text()) if (run / "probe.json").exists() else None
+        probe = (f"{pr['mean']['full']:.4f} | {pr['gain_vs_none']:.1%} | {pr['gain_vs_wrong']:.1%}" if pr
+                 else " | | ")
+        lines.append(f"| {name} | {steps} | {steps * args.batch_size / args.budget_s:.1f} | {probe} | "
+                     f"{cells(name, 3.0)}")
+    for name, g, label in (("baseline", 1.0, "baseline, guidance 1"), ("baseline", 2.0, "baseline, guidance 2"),
+                           ("baseline", 5.0, "baseline, guidance 5"),
+                           ("baseline_raw", 3.0, "baseline, raw weights (no EMA)")):
+        if (name, g, "conditioning") in by:
+            pf = Path(args.runs) / name / "probe.json"
+            pr = json.loads(pf.read_text()) if name != "baseline" and pf.exists() else None
+            probe = (f"{pr['mean']['full']:.4f} | {pr['gain_vs_none']:.1%} | {pr['gain_vs_wrong']:.1%}" if pr
+                     else " | | ")
+            lines.append(f"| {label} | | | {probe} | {cells(name, g)}")
+    n = next((r["n"] for r in res["rows"] if r["decoder"] != "real images"), None)
+    lines.append(f"\nBudget {args.budget_s:g} s per run, batch {args.batch_size}. Probe: eps MSE on all "
+                 f"{res['val_items']} val items at t in {PROBE_T} (seeded noise); \"conditioning removes\" = 1 - "
+                 f"MSE(z_i + caption) / MSE(null z_i, no caption), \"own vs wrong\" = 1 - MSE(own) / MSE(the next "
+                 f"item's z_i + caption). Retrieval: the first {n} val items decoded (DDIM {SAMPLER['steps']}, "
+                 f"guidance 3 unless stated, seed = index); caption top-5 among the {res['pool_size']} distinct val "
+                 f"captions (chance {5 / res['pool_size']:.3f}), image top-5 among all {res['val_items']} val images "
+                 f"(chance {5 / res['val_items']:.3f}); conditioning CLIP {res['clip']['fingerprint']}, judge "
+                 f"{res['judge']['fingerprint']}.")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -461,12 +630,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="guidance scales (one run each)")
     p.add_argument("--limit", type=int, default=None, help="guided: the first N val items (default: all)")
     p.add_argument("--unguided-limit", type=int, default=None, help="unguided: the first N (default: all; 0: none)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="the EMA weights (default) or the trained weights themselves")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("probe")
+    p.add_argument("--kind", choices=["unclip_pl", "dalle2"], required=True)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None, help="the first N val items (default: all)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument("--batch-size", type=int, default=73)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("ablation-table")
+    p.add_argument("--runs", required=True, help="the ablation's directory (runs in <runs>/core<c>/<name>)")
+    p.add_argument("--names", nargs="+", required=True)
+    p.add_argument("--results", required=True, help="score's results.json of these runs")
+    p.add_argument("--budget-s", type=float, required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True)
     p = sub.add_parser("score")
     p.add_argument("--data", required=True)
     p.add_argument("--samples", nargs="*", default=[])
@@ -482,7 +670,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "score" and args.names is not None and len(args.names) != len(args.samples):
         fail(f"{len(args.names)} --names for {len(args.samples)} --samples")
     commands = {"prepare": cmd_prepare, "train-dalle2": cmd_train_dalle2, "train-info": cmd_train_info,
-                "decode": cmd_decode, "score": cmd_score}
+                "decode": cmd_decode, "probe": cmd_probe, "score": cmd_score,
+                "ablation-table": cmd_ablation_table}
     commands[args.cmd](args)
 
 
