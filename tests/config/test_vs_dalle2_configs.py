@@ -21,9 +21,8 @@ CHANGES = {
     "lr_1e3": {f"{D}.optimizer.lr"},
     "warmup_20": {f"{D}.warmup_steps"},
     "clip_scale_1": {f"{D}.model.clip_scale"},
-    # decoder=base: its own caption encoder and the width of its states
-    "own_text": {"decoder.text_source", "decoder.text_width", f"{D}.text_source", f"{D}.model.text_encoder",
-                 f"{D}.model.unet.context_dim"},
+    # decoder=base: its own caption encoder (of the CLIP text tower's width here, so the U-Net is the same)
+    "own_text": {"decoder.text_source", f"{D}.text_source", f"{D}.model.text_encoder"},
 }
 
 
