@@ -40,7 +40,7 @@ DATA_ROOT=${DATA_ROOT:-data/emoji}
 [ -f "$DATA" ] || taskset -c 0 "$PY" $DRIVER prepare --clip "$CLIPS/clip.pt" --out "$DATA" --data-root "$DATA_ROOT" \
   --image-size "${IMAGE_SIZE:-32}" ${LIMIT_TRAIN:+--limit-train $LIMIT_TRAIN} ${LIMIT_VAL:+--limit-val $LIMIT_VAL}
 read -r -a ALL <<< "${ABLATIONS:-$(ls conf/experiment/vs_dalle2 | sed 's/\.yaml$//' | tr '\n' ' ')}"
-NCORES=$(nproc)
+NCORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc itself obeys OMP_NUM_THREADS (1 here)
 MAX_TIME=$(printf '00:%02d:%02d:%02d' $((BUDGET_S / 3600)) $((BUDGET_S % 3600 / 60)) $((BUDGET_S % 60)))
 PIDS=()
 wait_all() { local rc=0 p; for p in "${PIDS[@]}"; do wait "$p" || rc=1; done; PIDS=(); return $rc; }
