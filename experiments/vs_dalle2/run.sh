@@ -16,7 +16,7 @@
 #                          scored beside it when present)
 #   RUNS (logs/vs_dalle2/runs), OUT (experiments/vs_dalle2/results)
 #   Smaller runs: LIMIT_TRAIN / LIMIT_VAL (items prepared), MAX_STEPS, BATCH (64), DECODE_LIMIT / UNGUIDED_LIMIT
-#   (val items decoded guided / unguided; default all), WARMUP (100) and LR (3e-4) of both, MIN_LOSS_DROP (0.2),
+#   (val items decoded guided / unguided; default all), WARMUP (100) and LR (1e-3) of both, MIN_LOSS_DROP (0.2),
 #   DATA_ROOT (data/emoji), IMAGE_SIZE (32: give the decoder's size to train.py too, decoder.image_size=...),
 #   D2_ARGS (extra train-dalle2 arguments, e.g. its shape: --dim 16 --dim-mults 1 2)
 set -euo pipefail
@@ -33,7 +33,7 @@ EXPERIMENT=${EXPERIMENT:-vs_dalle2}
 BATCH=${BATCH:-64}
 MAX_STEPS=${MAX_STEPS:-0}
 WARMUP=${WARMUP:-100}
-LR=${LR:-3e-4}
+LR=${LR:-1e-3}   # both decoders; this project's decoder default (conf/decoder/base.yaml)
 DATA_ROOT=${DATA_ROOT:-data/emoji}
 IMAGE_SIZE=${IMAGE_SIZE:-32}
 DRIVER=experiments/vs_dalle2/vs_dalle2.py
