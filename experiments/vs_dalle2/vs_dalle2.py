@@ -537,6 +537,14 @@ def grid(real: torch.Tensor, decoded: list, path: Path, items: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- ablation-table
+def probe_cells(path: Path) -> str:
+    """The probe's three table cells (MSE with its own conditioning, the two gains) from its probe.json, or blanks."""
+    if not path.exists():
+        return " | | "
+    pr = json.loads(path.read_text())
+    return f"{pr['mean']['full']:.4f} | {pr['gain_vs_none']:.1%} | {pr['gain_vs_wrong']:.1%}"
+
+
 def cmd_ablation_table(args) -> None:
     """One row per ablation run: steps and img/s in the budget, the conditioning probe, and the guided decodings'
     retrieval under both CLIPs (from ``score``'s results.json); the baseline's other guidance scales and its raw
@@ -559,19 +567,14 @@ def cmd_ablation_table(args) -> None:
         run = next(Path(args.runs).glob(f"*/{name}"), Path(args.runs) / name)   # <runs>/core<c>/<name>
         ck = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False, mmap=True)
         steps = int(ck.get("global_step", 0))
-        pr = json.loads((run / "probe.json").read_text()) if (run / "probe.json").exists() else None
-        probe = (f"{pr['mean']['full']:.4f} | {pr['gain_vs_none']:.1%} | {pr['gain_vs_wrong']:.1%}" if pr
-                 else " | | ")
+        probe = probe_cells(run / "probe.json")
         lines.append(f"| {name} | {steps} | {steps * args.batch_size / args.budget_s:.1f} | {probe} | "
                      f"{cells(name, 3.0)}")
     for name, g, label in (("baseline", 1.0, "baseline, guidance 1"), ("baseline", 2.0, "baseline, guidance 2"),
                            ("baseline", 5.0, "baseline, guidance 5"),
                            ("baseline_raw", 3.0, "baseline, raw weights (no EMA)")):
         if (name, g, "conditioning") in by:
-            pf = Path(args.runs) / name / "probe.json"
-            pr = json.loads(pf.read_text()) if name != "baseline" and pf.exists() else None
-            probe = (f"{pr['mean']['full']:.4f} | {pr['gain_vs_none']:.1%} | {pr['gain_vs_wrong']:.1%}" if pr
-                     else " | | ")
+            probe = probe_cells(Path(args.runs) / name / "probe.json") if name != "baseline" else " | | "
             lines.append(f"| {label} | | | {probe} | {cells(name, g)}")
     n = next((r["n"] for r in res["rows"] if r["decoder"] != "real images"), None)
     lines.append(f"\nBudget {args.budget_s:g} s per run, batch {args.batch_size}. Probe: eps MSE on all "
