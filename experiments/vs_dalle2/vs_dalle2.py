@@ -360,10 +360,11 @@ def cmd_decode(args) -> None:
 PROBE_T = (100, 300, 500, 700, 900)    # fixed timesteps of the conditioning probe, every val item at each
 
 
-def probe_fn(kind: str, model, data: dict, idx: list[int]):
+def probe_fn(kind: str, model, data: dict, idx: list[int], tokens: torch.Tensor | None = None):
     """-> predict(xt, t, condition) -> eps for the val items ``idx``, under one of the probe's conditions: "full"
     (z_i and caption), "clip" (z_i, no caption), "none" (null z_i, no caption), "wrong" (another item's z_i and
-    caption: the next item in ``idx``)."""
+    caption: the next item in ``idx``). ``tokens`` (N, L): every val caption's token ids, for a decoder with its
+    own caption encoder."""
     va = data["val"]
     emb, states, mask = va["img_emb"][idx].float(), va["states"][idx].float(), va["mask"][idx]
     roll = lambda v: torch.roll(v, 1, dims=0)   # noqa: E731
@@ -378,8 +379,7 @@ def probe_fn(kind: str, model, data: dict, idx: list[int]):
                         text_cond_drop_prob=drop_txt)
         return predict
     text = (states, mask) if model.text_encoder is None else None
-    tokens = caption_tokens(data, [va["captions"][i] for i in idx]) if text is None else None
-    context, cmask = model.encode_text(tokens, text)
+    context, cmask = model.encode_text(tokens[idx] if text is None else None, text)
 
     def predict(xt, t, condition):
         e, c, m = emb, context, cmask
@@ -407,12 +407,13 @@ def cmd_probe(args) -> None:
     n = len(va["captions"]) if args.limit is None else min(args.limit, len(va["captions"]))
     model, info = load_decoder(args.kind, args.ckpt, args.weights)
     diffusion = GaussianDiffusion(get_betas("cosine", 1000))
+    tokens = caption_tokens(data, va["captions"]) if info["text_source"] == "own" else None   # tokenised once
     conditions = ("full", "clip", "none", "wrong")
     sums = {(c, t): 0.0 for c in conditions for t in PROBE_T}
     for i in range(0, n, args.batch_size):
         idx = list(range(i, min(n, i + args.batch_size)))
         x0 = va["images"][idx].float() / 127.5 - 1.0
-        predict = probe_fn(args.kind, model, data, idx)
+        predict = probe_fn(args.kind, model, data, idx, tokens)
         for step in PROBE_T:
             g = torch.Generator().manual_seed(10_000 * step + i)
             noise = torch.randn(x0.shape, generator=g)
