@@ -18,7 +18,10 @@ states are masked out exactly as the caption dropout does in training.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +41,7 @@ __all__ = ["DecoderSettings", "PipelineSettings", "PriorSettings", "UnCLIPPipeli
            "load_pipeline_clip", "resolve_settings", "stage_stream"]
 
 Captions = Sequence[str | None]
+log = logging.getLogger(__name__)
 
 
 Captions = Sequence[str | None]
@@ -403,6 +407,20 @@ class UnCLIPPipeline:
         return torch.softmax(scale * (z_i @ z_t.T)[0], dim=-1).cpu()
 
 
+def _find_stored_clip(path: str, stage_path: str | None) -> str:
+    """The CLIP file a stage checkpoint names. A relative name is relative to the directory the stage was trained
+    in; when it does not exist from here, it is looked for under each folder above the checkpoint file (the
+    training directory holds its run folders), so sampling works from any directory. Returns ``path`` unchanged
+    when it exists or nothing is found (the loader then says which file is missing)."""
+    if os.path.isabs(path) or os.path.exists(path) or not stage_path:
+        return path
+    for parent in Path(stage_path).resolve().parents:
+        if (parent / path).is_file():
+            log.info("CLIP %s (relative to the training directory) found at %s", path, parent / path)
+            return str(parent / path)
+    return path
+
+
 def load_pipeline_clip(clip: Any, decoder: Any = None):
     """A FrozenCLIP from: a FrozenCLIP (returned as is), a loader config (``_target_`` dict / DictConfig), or None
     (the ``clip.loader`` stored with the decoder checkpoint, ``decoder``: a ``LoadedStage``)."""
@@ -424,6 +442,8 @@ def load_pipeline_clip(clip: Any, decoder: Any = None):
         if not clip_cfg or "loader" not in clip_cfg:
             raise ValueError("no CLIP given and the decoder checkpoint stores no clip.loader config: pass clip=...")
         clip = dict(clip_cfg["loader"])
+        if clip.get("checkpoint"):
+            clip["checkpoint"] = _find_stored_clip(str(clip["checkpoint"]), getattr(decoder, "path", None))
         expect = {k: clip_cfg.get(k) for k in ("embed_dim", "text_width", "context_length", "image_size")}
         clip.update({k: v for k, v in expect.items() if v is not None})
     if isinstance(clip, dict) and "loader" in clip and "_target_" not in clip:

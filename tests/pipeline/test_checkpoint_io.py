@@ -240,3 +240,32 @@ def test_one_error_class_and_one_key_wording(tiny, tmp_path):
     for err, key in ((stage_err, "net.extra"), (fit_err, "ema.module.net.extra"), (clip_err, "extra.weight")):
         assert re.search(r" does not fit .* \(trained with another config\?\):\n  1 unexpected in checkpoint: "
                          + re.escape(key) + "$", str(err.value)), str(err.value)
+
+
+def test_relative_clip_path_found_from_another_directory(tiny, tmp_path, monkeypatch):
+    """A decoder trained with a relative ``clip.loader.checkpoint`` samples from any working directory: the CLIP is
+    looked for under the folders above the checkpoint (the training directory); a file found nowhere still fails
+    with the loader's one-line error naming it."""
+    import shutil
+
+    from unclip_pl.checkpoint import stage_entry
+    from unclip_pl.pipeline import load_pipeline_clip
+
+    project = tmp_path / "project"
+    (project / "clips").mkdir(parents=True)
+    shutil.copy(tiny["clip_path"], project / "clips" / "clip.pt")
+    run = project / "logs" / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    ckpt = torch.load(tiny["decoder"], weights_only=False)
+    for name, clip_file in (("found", "clips/clip.pt"), ("missing", "clips/other.pt")):
+        ckpt["cfg"]["clip"]["loader"]["checkpoint"] = clip_file
+        ckpt["unclip_pl"] = stage_entry(ckpt["cfg"])
+        torch.save(ckpt, run / f"{name}.ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    clip = load_pipeline_clip(None, load_stage(run / "found.ckpt", stage="decoder"))
+    assert torch.equal(clip.encode_text(["a red heart"]).emb, tiny["clip"].encode_text(["a red heart"]).emb)
+    with pytest.raises(CheckpointError, match=r"clips/other\.pt"):
+        load_pipeline_clip(None, load_stage(run / "missing.ckpt", stage="decoder"))
