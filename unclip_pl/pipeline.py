@@ -44,9 +44,6 @@ Captions = Sequence[str | None]
 log = logging.getLogger(__name__)
 
 
-Captions = Sequence[str | None]
-
-
 # ----------------------------------------------------------------------------------------------------------- helpers
 def _as_batch(image: torch.Tensor) -> torch.Tensor:
     """(3, H, W) or (B, 3, H, W) -> (B, 3, H, W) float."""
