@@ -22,6 +22,7 @@ def rank_main(rank, world, port, real, fake, out_dir):
         g_real, _ = metric.gathered()
         torch.save({"fid": value, "n_real": g_real.shape[0], "same_order": bool(torch.equal(g_real, real))},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still exchanges
     finally:
         dist.destroy_process_group()
 
@@ -53,5 +54,6 @@ def gather_rows_main(rank, world, port, out_dir):
             except ValueError as e:
                 out[name] = str(e)
         torch.save(out, os.path.join(out_dir, f"gather_rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still exchanges
     finally:
         dist.destroy_process_group()

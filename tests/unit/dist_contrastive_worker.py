@@ -24,5 +24,6 @@ def rank_main(rank, world, port, img, txt, cut, pad_to, out_dir):
         (out["loss"] * i.shape[0]).backward()
         torch.save({"loss": out["loss"].detach(), "gi": i.grad, "gt": t.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still exchanges
     finally:
         dist.destroy_process_group()
