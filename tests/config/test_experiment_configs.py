@@ -69,3 +69,12 @@ def test_run_sh_uses_the_experiments_and_their_budgets():
     assert stated, "experiments/emoji_cascade/README.md states the budgets of its run"
     budgets = [_minutes(_compose([f"experiment=emoji_cascade/{n}"]).trainer.max_time) for n in BUDGETED]
     assert budgets == [int(x) for x in stated.groups()], "the README's budgets are the experiment files' budgets"
+
+
+def test_cascade_decoder_samples_at_its_measured_guidance():
+    """The cascade's decoder stores guidance 1.5 in its sampler settings (the value its README measured at this
+    budget), and the training-time metrics callback decodes with the decoder's own setting; decoder=base keeps 3."""
+    cfg = _compose(["experiment=emoji_cascade/decoder"])
+    assert cfg.decoder.sample.guidance_scale == cfg.decoder.module.sample.guidance_scale == 1.5
+    assert cfg.callbacks.eval_metrics.guidance_scale is None
+    assert _compose(["decoder=base"]).decoder.module.sample.guidance_scale == 3.0
