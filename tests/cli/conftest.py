@@ -270,7 +270,8 @@ def launched(stages, inputs, emoji_root, tmp_path_factory):
         cmds["eval_ar"] = Command([script("eval.py"), f"checkpoints.prior={stages['prior_ar']}",
                                    f"checkpoints.decoder={stages['decoder']}", *emoji_overrides(emoji_root),
                                    "splits=[val]", "variants=[prior,no_prior]", "max_samples.val=4", "batch_size=4",
-                                   "diversity.captions=2", "diversity.samples=2"], tmp_path_factory.mktemp("ar_eval"))
+                                   "settings.decoder.guidance_scale=1.5", "diversity.captions=2",
+                                   "diversity.samples=2"], tmp_path_factory.mktemp("ar_eval"))
         cmds["conditioning_ar"] = Command([script("sample.py"), "mode=conditioning",
                                            'prompt=["grinning face","red heart"]', "settings.prior.top_k=4",
                                            f"checkpoints.prior={stages['prior_ar']}",

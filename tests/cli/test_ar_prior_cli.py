@@ -16,7 +16,8 @@ AR_KEYS = {"guidance_scale", "temperature", "top_k", "top_p", "dot_fraction", "b
 
 def test_eval_accepts_an_ar_prior_checkpoint(stages, launched):
     """eval.py with checkpoints.prior=<AR prior>: the prior variant is generated through it and scored like the
-    diffusion prior's (results.json/results.md, the grid), with the AR prior's sampler settings recorded."""
+    diffusion prior's (results.json/results.md, the grid), with the AR prior's sampler settings and the decoder
+    guidance given on the command line recorded."""
     done = launched["eval_ar"].wait().check()
     assert "Traceback" not in done.stderr
     found = list((launched["eval_ar"].root / "logs" / "eval" / "runs").glob("*/results.json"))
@@ -24,6 +25,7 @@ def test_eval_accepts_an_ar_prior_checkpoint(stages, launched):
     res = json.loads(found[0].read_text())
     assert res["checkpoints"]["prior"] == str(stages["prior_ar"])
     assert set(res["settings"]["prior"]) >= AR_KEYS and "steps" not in res["settings"]["prior"]
+    assert res["settings"]["decoder"]["guidance_scale"] == 1.5  # the README's guidance sweep: one override
     assert list(res["splits"]) == ["val"] and res["variants"] == ["prior", "no_prior"]
     val = res["splits"]["val"]
     assert val["n"] == 4 and val["pool_size"] >= 1
