@@ -241,7 +241,7 @@ def test_hydra_slurm_launcher_runs_the_job(submitted, slurm_cluster):
     rc, output = sub.wait()
     assert rc == 0, output[-4000:]
     job = _job_of(sweep)  # an array job of one task: <array id>_0
-    fields = slurm_cluster.job(job)
+    fields = slurm_cluster.wait_done(job, timeout=60)  # submitit returns on the result file, before SLURM's end
     assert fields["JobState"] == "COMPLETED", fields
     run_dir = sweep / "0"
     assert _last(run_dir)["global_step"] == STEPS
@@ -259,7 +259,7 @@ def test_hydra_slurm_two_nodes_ddp(submitted, slurm_cluster):
     sub, sweep, record = submitted["two_nodes"]
     rc, output = sub.wait()
     assert rc == 0, output[-4000:]
-    fields = slurm_cluster.job(_job_of(sweep))
+    fields = slurm_cluster.wait_done(_job_of(sweep), timeout=60)  # the tasks may still be exiting: see above
     assert fields["JobState"] == "COMPLETED" and fields["NumNodes"] == "2" and fields["NodeList"] == "n[1-2]", fields
     log = (sweep / "0" / "train.log").read_text()
     assert "global batch 8 = 4 per device x 1 device(s) x 2 node(s)" in log, log[-2000:]
