@@ -252,6 +252,16 @@ def launched(stages, inputs, emoji_root, tmp_path_factory):
                        f"checkpoints.decoder={stages['decoder']}", *emoji_overrides(emoji_root),
                        "max_samples.val=4", "max_samples.train=4", "batch_size=4", "diversity.captions=2",
                        "diversity.samples=2"])
+        # experiments/emoji_cascade/README.md: the decoder-guidance sweep, one G, scored by the judge CLIP too
+        judge = stages["side"]["judge"]
+        judge.wait().check()
+        cmds["eval_guidance"] = Command(
+            [script("eval.py"), f"checkpoints.prior={stages['prior']}", f"checkpoints.decoder={stages['decoder']}",
+             *emoji_overrides(emoji_root), "settings.decoder.sampler=dpmpp_2m", "settings.decoder.steps=4",
+             "settings.decoder.guidance_scale=1.5", "upsample=false",
+             f"judge={judge.root / 'logs' / 'train' / 'runs' / 'judge' / 'clip.pt'}", "splits=[val]",
+             "variants=[prior,oracle]", "max_samples.val=4", "batch_size=4", "diversity.captions=2",
+             "diversity.samples=2"], tmp_path_factory.mktemp("eval_guidance"))
         # README "Run directories": rerunning in a run directory that holds checkpoints/last.ckpt resumes from it
         # (a copy of the upsampler's run, so that the checkpoint the sampling commands load stays as it is)
         shutil.copytree(stages["runs"]["upsampler"], stages["runs"]["upsampler"].with_name("resumed"))

@@ -34,6 +34,22 @@ def test_eval_writes_results(stages, launched):
     assert (run_dir / "val_prior.png").is_file() and (run_dir / "train_oracle.png").is_file()
 
 
+
+def test_eval_guidance_sweep_command(stages, launched):
+    """experiments/emoji_cascade/README.md's guidance sweep (one G): the val split only, the prior and oracle
+    variants, the decoder's sampler settings from the command line, and every CLIP metric once more by the judge."""
+    launched["eval_guidance"].wait().check()
+    (found,) = (launched["eval_guidance"].root / "logs" / "eval" / "runs").glob("*/results.json")
+    res = json.loads(found.read_text())
+    assert res["settings"]["decoder"]["guidance_scale"] == 1.5 and res["settings"]["decoder"]["sampler"] == "dpmpp_2m"
+    assert res["settings"]["decoder"]["steps"] == 4 and res["upsample"] is False
+    assert list(res["splits"]) == ["val"] and res["variants"] == ["prior", "oracle"]
+    assert set(res["judges"]) == {"conditioning", "judge"} and "judge" in res["judges"]["judge"]["source"]
+    prior = res["splits"]["val"]["prior"]
+    assert prior["n"] == 4
+    for judge in ("conditioning", "judge"):
+        assert {"top5", "clip_fid", "diversity"} <= set(prior[judge]), (judge, sorted(prior[judge]))
+
 def test_wrong_checkpoints_are_one_line(stages, in_process, emoji_root, tmp_path):
     """eval.py with a missing decoder checkpoint, or a decoder checkpoint given as the upsampler: exit 2, one line."""
     from tests.cli.test_sample_cli import one_line_error
